@@ -47,9 +47,10 @@ def digit_to_pil(image8: np.ndarray, image_size: int) -> Image.Image:
 
 
 class DigitsDataset(Dataset):
-    """The digits as (PIL image or transformed tensor, label), like an ImageFolder of the split."""
+    """The digits as (PIL image or transformed tensor, label, index), like `ImageFolderSafe`."""
 
     classes = CLASS_NAMES
+    class_to_idx = {c: i for i, c in enumerate(CLASS_NAMES)}
 
     def __init__(self, split: str = "train", image_size: int = 32, transform=None):
         self.images, self.labels = load_digits_arrays(split)
@@ -60,10 +61,7 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = digit_to_pil(self.images[i], self.image_size)
-        return (self.transform(img) if self.transform else img), int(self.labels[i])
-
-    def class_to_idx(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(CLASS_NAMES)}
+        return (self.transform(img) if self.transform else img), int(self.labels[i]), i
 
     def uint8_array(self) -> np.ndarray:
         """All images as uint8 NHWC (the ADM `.npz` layout), e.g. a reference batch."""
