@@ -113,11 +113,9 @@ class SkipCounter:
 
 def write_class_index(folder: str | Path, class_to_idx: dict[str, int]) -> Path:
     """Write the class map (folder name -> id) beside codes or a checkpoint."""
-    from utils.checkpoint import _atomic_write
+    from utils.checkpoint import save_json
 
-    path = Path(folder) / CLASS_INDEX_FILE
-    data = json.dumps(class_to_idx, indent=1, sort_keys=True).encode()
-    return _atomic_write(path, lambda f: f.write(data))
+    return save_json(Path(folder) / CLASS_INDEX_FILE, class_to_idx)
 
 
 def read_class_index(folder: str | Path) -> dict[str, int] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: wrong method, wrong size, unreadable, or corrupt."""
 
 
-def _atomic_write(path: str | os.PathLike, write_fn) -> Path:
+def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -44,19 +45,25 @@ def _atomic_write(path: str | os.PathLike, write_fn) -> Path:
     return path
 
 
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON to `path` atomically."""
+    data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` to `path` atomically (temporary file, fsync, rename)."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     """`np.savez` to `path` atomically; `path` keeps its name (no `.npz` appended twice)."""
-    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """`np.save` to `path` atomically."""
-    return _atomic_write(path, lambda f: np.save(f, array))
+    return atomic_write(path, lambda f: np.save(f, array))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

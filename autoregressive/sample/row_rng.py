@@ -1,0 +1,44 @@
+"""Per-image random streams for sampling: images independent of batch composition and ranks.
+
+A `torch.Generator` draws for a whole batch, so an image depends on which others share its batch.
+`RowRNG` instead gives each row its own counter-based stream (splitmix64 of the row's seed and a
+draw counter), computed on the device with integer ops: no host synchronisation, CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import torch
+
+from autoregressive.sample.shards import _srl, splitmix64
+
+
+class RowRNG:
+    """One independent uniform stream per row, keyed by a 62-bit int64 seed per row."""
+
+    def __init__(self, seeds: torch.Tensor):
+        self.seeds = seeds.to(torch.int64)
+        self.counter = 0
+
+    def uniform(self, shape_tail: tuple[int, ...] = ()) -> torch.Tensor:
+        """(B, *shape_tail) float64 uniforms in [0, 1); each call advances every row's stream."""
+        n = 1
+        for s in shape_tail:
+            n *= s
+        lanes = torch.arange(n, device=self.seeds.device, dtype=torch.int64)
+        key = splitmix64(self.seeds[:, None] + (self.counter * 0x2545F4914F6CDD1D))  # (B, 1)
+        bits = splitmix64(key + lanes[None, :] * (-0x61C8864680B583EB))  # (B, n)
+        self.counter += 1
+        u = _srl(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
+        return u.reshape(self.seeds.shape[0], *shape_tail)
+
+    def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
+        """One draw per row from `probs` (B, V) by inverse CDF -> (B, 1) int64."""
+        cdf = probs.to(torch.float64).cumsum(-1)
+        u = self.uniform() * cdf[:, -1]
+        idx = torch.searchsorted(cdf, u[:, None], right=True)
+        return idx.clamp_(max=probs.shape[-1] - 1)
+
+    def select(self, rows: torch.Tensor) -> "RowRNG":
+        """A view on a subset of rows sharing the counter position (for per-row bookkeeping)."""
+        out = RowRNG(self.seeds[rows])
+        out.counter = self.counter
+        return out
