@@ -1,0 +1,73 @@
+"""A key/value cache preallocated for the whole sequence and written in place.
+
+One object per generation call, allocated once (`KVCache(...)` or `Transformer.new_cache(...)`)
+and passed explicitly to `prefill` / `decode_step`; it is never attached to a model. Every layer
+owns a slice `(B, H_kv, L, hd)` of two tensors `(n_layer, B, H_kv, L, hd)`. A step writes the keys
+and values of its G new elements at G cache slots (`index_copy_`, no `torch.cat`), so a step may
+carry one token (raster), a group of tokens (PAR, LPD) or tokens for arbitrary grid cells (ARPG:
+the slot is the generation step, the 2-D position travels separately in the RoPE rows). Shapes
+stay static from step to step: attention always reads the full length L and a boolean mask hides
+the slots that are not visible yet (CUDA-graph friendly, as in the official `setup_caches`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LayerKVCache:
+    """The cache of one attention layer: views `k`, `v` of shape (B, H_kv, L, hd)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k
+        self.v = v
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` (B, H_kv, G, hd) at the G slots `pos` (LongTensor (G,)), in place.
+
+        Returns the whole cache of this layer, keys and values (B, H_kv, L, hd), for attention.
+        Only the first B rows of the cache are used when the step carries a smaller batch.
+        """
+        b = k.shape[0]
+        k_all, v_all = self.k[:b], self.v[:b]  # (B, H_kv, L, hd) views of the preallocated storage
+        k_all.index_copy_(2, pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, pos, v.to(v_all.dtype))
+        return k_all, v_all
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` sequence slots and `batch_size` rows.
+
+    Args:
+        n_layer: number of attention layers that cache (one slice each).
+        batch_size: rows (e.g. 2B when the two CFG halves run in one batch).
+        n_kv_head, head_dim: key/value heads and their width.
+        max_len: number of slots L; slot t holds sequence element t.
+        dtype, device: of the storage (normally those of the model weights).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = [LayerKVCache(self.k[i], self.v[i]) for i in range(n_layer)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, i: int) -> LayerKVCache:
+        return self._layers[i]
+
+    def causal_mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (G, L), True = attend: the element at slot `pos[g]` sees slots <= pos[g].
+
+        This is the official `causal_mask[:, input_pos]` row selection; slots not written yet are
+        always later than every current position, so they stay invisible.
+        """
+        slots = torch.arange(self.max_len, device=pos.device)
+        return slots[None, :] <= pos[:, None]  # (G, L)

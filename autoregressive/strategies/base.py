@@ -1,0 +1,81 @@
+"""The Strategy plug-in: what differs between decoding methods, and nothing else.
+
+A strategy builds and loads its model, turns a batch of codes into one training step's inputs and
+targets, and runs its sampling loop. Training loop, sampling driver, logits processing
+(`autoregressive/sample/logits.py`) and evaluation are shared. Strategies do no argparse, file
+layout decisions, `torch.distributed` or logging set-up; randomness comes from an explicit
+`torch.Generator`.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from autoregressive.sample.logits import Generator
+
+
+@dataclass
+class TrainingBatch:
+    """One training step: `model(**inputs, targets=targets)` returns (logits, loss)."""
+
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. the order a strategy sampled
+
+
+class Strategy(ABC):
+    """Base class of every decoding strategy; see `autoregressive/strategies/__init__.py`."""
+
+    name: str = ""
+    #: size name -> constructor, the `--gpt-model` choices of this strategy.
+    model_sizes: dict[str, Any] = {}
+
+    @abstractmethod
+    def build_model(self, gpt_model: str, **config: Any) -> nn.Module:
+        """A fresh model of a named size; `config` overrides its constructor arguments."""
+
+    @abstractmethod
+    def load_official(self, model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+        """Copy an official (or our) state dict into `model` strictly, naming any mismatch."""
+
+    @abstractmethod
+    def load_model(self, path: str | os.PathLike, gpt_model: str | None = None, *,
+                   prefer_ema: bool = False, map_location: str | torch.device = "cpu",
+                   **config: Any) -> nn.Module:
+        """Build the model a checkpoint file needs and load it strictly; eval mode."""
+
+    @abstractmethod
+    def training_batch(self, codes: torch.Tensor, labels: torch.Tensor,
+                       generator: torch.Generator | None = None) -> TrainingBatch:
+        """codes (B, N) raster-order token ids, labels (B,) -> the step's inputs and targets."""
+
+    def training_loss(self, model: nn.Module, codes: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The scalar loss of one step (the hook the training driver calls)."""
+        batch = self.training_batch(codes, labels, generator)
+        _, loss = model(**batch.inputs, targets=batch.targets)
+        return loss
+
+    @abstractmethod
+    def generate(self, model: nn.Module, labels: torch.Tensor, *, cfg_scale: float = 1.0,
+                 cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, steps: int | None = None,
+                 generator: Generator | None = None,
+                 record_logits: list | None = None) -> torch.Tensor:
+        """Sample token ids (B, N) in raster layout for class labels (B,)."""
+
+    @staticmethod
+    def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+        """Class ids must lie in [0, num_classes); the null class is not a valid request."""
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"class ids must lie in [0, {num_classes}), got min {int(labels.min())}, "
+                             f"max {int(labels.max())}")

@@ -1,0 +1,117 @@
+"""`raster`: LlamaGen next-token prediction in raster order, one KV-cached step per token.
+
+Schedule: order = identity, group sizes 1 x N. Training shifts the codes by one (the class token
+predicts z_0, z_{t-1} predicts z_t). Sampling follows `specs/llamagen.md` section 7.1: prefill
+the class token (both CFG halves in one batch `[labels ; null]`), then N - 1 decode steps, each
+feeding the last token to both halves; CFG before temperature / top-k / top-p.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from autoregressive.models.gpt import GPT_SIZES, Transformer, build_gpt
+from autoregressive.models.official import (
+    check_args_agree, gpt_kwargs_from_args, load_weights_strict, read_gpt_checkpoint,
+)
+from autoregressive.sample.logits import (
+    Generator, cfg_guided, cfg_labels, check_cfg_scale, combine_cfg, sample_from_logits,
+)
+from autoregressive.strategies.base import Strategy, TrainingBatch
+from utils.checkpoint import CheckpointError
+
+
+class RasterStrategy(Strategy):
+    name = "raster"
+    model_sizes = GPT_SIZES
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def build_model(self, gpt_model: str, **config: Any) -> Transformer:
+        return build_gpt(gpt_model, **config)
+
+    def load_official(self, model: Transformer, state_dict: dict[str, torch.Tensor],
+                      what: str = "checkpoint") -> None:
+        load_weights_strict(model, state_dict, what=what)
+
+    def load_model(self, path: str | os.PathLike, gpt_model: str | None = None, *,
+                   prefer_ema: bool = False, map_location: str | torch.device = "cpu",
+                   **config: Any) -> Transformer:
+        """Load an official release or our checkpoint strictly; returns the model in eval mode.
+
+        Official release files record nothing, so `gpt_model` and the sizes (`block_size`,
+        `vocab_size`, `num_classes`, ...) come from the caller. Training checkpoints (official
+        or ours) record `args`; those build the model and must agree with the caller's values.
+        """
+        weights, args = read_gpt_checkpoint(path, prefer_ema=prefer_ema, map_location=map_location)
+        what = f"GPT checkpoint {path}"
+        if args is not None and "gpt_model" in args:
+            check_args_agree(args, what, strategy=self.name, gpt_model=gpt_model)
+            recorded = gpt_kwargs_from_args(args)
+            for k, v in config.items():
+                if k in recorded and recorded[k] != v:
+                    raise CheckpointError(f"{what} was trained with {k}={recorded[k]!r}, but {k}={v!r} was asked for")
+            gpt_model, config = args["gpt_model"], {**config, **recorded}
+        if gpt_model is None:
+            raise CheckpointError(f"{what} records no model size; pass --gpt-model")
+        model = self.build_model(gpt_model, **config)
+        self.load_official(model, weights, what=f"{what} (as {gpt_model})")
+        return model.eval()
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def training_batch(self, codes: torch.Tensor, labels: torch.Tensor,
+                       generator: torch.Generator | None = None) -> TrainingBatch:
+        """Feed z[:, :-1] after the class token, predict z (row t -> z_t); plain causal mask."""
+        return TrainingBatch(inputs={"idx": codes[:, :-1], "cond": labels}, targets=codes)
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, model: Transformer, labels: torch.Tensor, *, cfg_scale: float = 1.0,
+                 cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, steps: int | None = None,
+                 generator: Generator | None = None,
+                 record_logits: list | None = None) -> torch.Tensor:
+        """Sample (B, N) raster token ids (int64) for labels (B,).
+
+        Args:
+            cfg_scale: 1.0 = no guidance (no unconditional pass); > 1 guides; < 1 is refused.
+            cfg_interval: -1 guides every token; c >= 0 guides the first c + 2 tokens (official).
+            temperature: 0 = greedy (argmax); top_k 0 / top_p 1.0 = no filtering.
+            steps: must be None or N (raster takes one step per token).
+            generator: a torch.Generator (on the model's device) or a per-row sampler
+                (`RowSampler`); required unless temperature is 0.
+            record_logits: if a list, receives per token the (B, V) logits after CFG, before
+                temperature and filtering (what the parity fixtures record).
+        """
+        if model.training:
+            raise ValueError("generate needs the model in eval mode (call model.eval())")
+        check_cfg_scale(cfg_scale)
+        if temperature > 0 and generator is None:
+            raise ValueError("sampling (temperature > 0) needs an explicit generator; temperature 0 is greedy")
+        self.check_labels(labels, model.num_classes)
+        n = model.config.block_size
+        if steps is not None and steps != n:
+            raise ValueError(f"raster decoding takes one step per token: steps must be {n}, got {steps}")
+        device = model.tok_embeddings.weight.device
+        labels = labels.to(device)
+        b = labels.shape[0]
+        cond = cfg_labels(labels, model.num_classes, cfg_scale)  # (B' = 2B with CFG, else B)
+        reps = cond.shape[0] // b
+        # Slots: class token at 0, z_t at 1 + t for t < N - 1 (the last token is never fed).
+        cache = model.new_cache(cond.shape[0], max_len=model.cls_token_num + n - 1)
+        slots = torch.arange(model.cls_token_num, model.cls_token_num + n - 1, device=device)
+        tokens = torch.empty(b, n, dtype=torch.long, device=device)
+        logits = model.prefill(cond, cache)[:, -1]  # (B', V)
+        for t in range(n):
+            if t > 0:
+                x = tokens[:, t - 1:t].repeat(reps, 1)  # (B', 1): the same token for both halves
+                logits = model.decode_step(x, cache, slots[t - 1:t])[:, -1]  # (B', V)
+            guided = combine_cfg(logits, cfg_scale, cfg_guided(t, cfg_interval))  # (B, V)
+            if record_logits is not None:
+                record_logits.append(guided)
+            tokens[:, t], _ = sample_from_logits(guided, temperature, top_k, top_p, generator)
+        return tokens
