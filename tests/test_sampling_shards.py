@@ -27,6 +27,10 @@ def test_row_streams_do_not_depend_on_the_batch():
         assert torch.equal(a[16:48], b)
     # the five draws of one row are not all equal (the counter advances)
     assert len({int(d[0]) for d in draws_whole}) > 1
+    # thousands of draws (one per token of a 32x32 grid and more) keep working
+    for _ in range(3000):
+        whole.uniform()
+    assert whole.multinomial(probs).shape == (64, 1)
 
 
 def test_row_multinomial_follows_the_distribution_and_skips_zeros():

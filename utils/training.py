@@ -67,10 +67,12 @@ class NonFiniteGuard:
         self.total = 0
         self.consecutive = 0
 
-    def check(self, loss: torch.Tensor, step: int) -> bool:
-        """True when the step may proceed; False when it is skipped. Same answer on every rank
-        when `loss` has been all-reduced."""
-        if torch.isfinite(loss).all():
+    def check(self, finite: bool | torch.Tensor, step: int) -> bool:
+        """True when the step may proceed; False when it is skipped. `finite` is a flag or the loss
+        itself; pass a flag agreed over ranks so that every rank skips the same steps."""
+        if isinstance(finite, torch.Tensor):
+            finite = bool(torch.isfinite(finite).all())
+        if finite:
             self.consecutive = 0
             return True
         self.total += 1

@@ -11,6 +11,12 @@ import torch
 from autoregressive.sample.shards import _srl, splitmix64
 
 
+def _wrap64(x: int) -> int:
+    """A Python int reduced to the signed int64 range (two's-complement wrap-around)."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
 class RowRNG:
     """One independent uniform stream per row, keyed by a 62-bit int64 seed per row."""
 
@@ -24,7 +30,7 @@ class RowRNG:
         for s in shape_tail:
             n *= s
         lanes = torch.arange(n, device=self.seeds.device, dtype=torch.int64)
-        key = splitmix64(self.seeds[:, None] + (self.counter * 0x2545F4914F6CDD1D))  # (B, 1)
+        key = splitmix64(self.seeds[:, None] + _wrap64(self.counter * 0x2545F4914F6CDD1D))  # (B, 1)
         bits = splitmix64(key + lanes[None, :] * (-0x61C8864680B583EB))  # (B, n)
         self.counter += 1
         u = _srl(bits, 11).to(torch.float64) * (1.0 / (1 << 53))

@@ -1,0 +1,95 @@
+"""What both samplers share: the sampling flags, loading the GPT and the tokenizer, one batch.
+
+`sample_c2i.py` (a PNG grid) and `sample_c2i_ddp.py` (50k images -> ADM `.npz`) differ only in
+what they do with the images; model loading, flag names and the generate-then-decode step live here.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from autoregressive.models.gpt import GPT_SIZES
+from autoregressive.sample.row_rng import RowRNG
+from autoregressive.strategies import Strategy, get_strategy, strategy_names
+from tokenizer.loading import load_vq
+from tokenizer.vq_model import VQ_models, VQModel
+
+PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The official sampling flags (`specs/llamagen.md` 7.2) plus `--strategy`."""
+    g = p.add_argument_group("model")
+    g.add_argument("--strategy", type=str, default="raster", choices=strategy_names(), help="decoding strategy")
+    g.add_argument("--gpt-model", type=str, default=None, choices=list(GPT_SIZES),
+                   help="model size (required for official release files, which do not record it)")
+    g.add_argument("--gpt-ckpt", type=str, required=True, help="GPT checkpoint (official release or ours)")
+    g.add_argument("--gpt-type", type=str, default="c2i", choices=["c2i"], help="class-conditional only")
+    g.add_argument("--from-fsdp", action="store_true",
+                   help="accepted for official commands; the bare FSDP layout is detected by itself")
+    g.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    g.add_argument("--cls-token-num", type=int, default=1, help="class tokens before the image tokens")
+    g.add_argument("--precision", type=str, default="bf16", choices=list(PRECISIONS),
+                   help="GPT weights and KV cache dtype on CUDA (CPU always runs float32)")
+    g.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models), help="tokenizer size")
+    g.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint")
+    g.add_argument("--codebook-size", type=int, default=16384, help="tokenizer codebook size")
+    g.add_argument("--codebook-embed-dim", type=int, default=8, help="tokenizer code dimension")
+    g.add_argument("--image-size", type=int, default=384, help="image size the GPT generates at")
+    g.add_argument("--image-size-eval", type=int, default=256, help="images are resized to this size")
+    g.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling factor")
+    g.add_argument("--num-classes", type=int, default=1000, help="number of classes")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--cfg-interval", type=float, default=-1, help="guide only the first tokens (-1 = all)")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
+    s.add_argument("--steps", type=int, default=None, help="decoding steps (parallel strategies)")
+    s.add_argument("--global-seed", type=int, default=0, help="seed; each image's seed derives from it and its index")
+    s.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+
+
+@dataclass
+class Sampler:
+    """A loaded GPT + tokenizer pair and the strategy that decodes with them."""
+
+    strategy: Strategy
+    gpt: torch.nn.Module
+    vq: VQModel
+    args: argparse.Namespace
+
+    @property
+    def grid(self) -> int:
+        return self.args.image_size // self.args.downsample_size
+
+    @torch.no_grad()
+    def images(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Class labels (B,) and per-image seeds (B,) -> decoded images (B,3,S,S) in about [-1,1]."""
+        a = self.args
+        device = next(self.gpt.parameters()).device
+        rng = RowRNG(seeds.to(device))
+        tokens = self.strategy.generate(self.gpt, labels.to(device), cfg_scale=a.cfg_scale,
+                                        cfg_interval=a.cfg_interval, temperature=a.temperature,
+                                        top_k=a.top_k, top_p=a.top_p, steps=a.steps, generator=rng)
+        return self.vq.decode_indices(tokens, grid=(self.grid, self.grid)).float()
+
+
+def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
+    """Load the tokenizer and the GPT strictly, check they fit together, and cast for `--precision`."""
+    if args.image_size % args.downsample_size:
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size {args.downsample_size}")
+    vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim).to(device)
+    if vq.downsample != args.downsample_size:
+        raise ValueError(f"the tokenizer {args.vq_model} downsamples by {vq.downsample}, "
+                         f"but --downsample-size is {args.downsample_size}")
+    strategy = get_strategy(args.strategy)
+    grid = args.image_size // args.downsample_size
+    gpt = strategy.load_model(args.gpt_ckpt, args.gpt_model, prefer_ema=args.ema,
+                              vocab_size=vq.config.codebook_size, block_size=grid * grid,
+                              num_classes=args.num_classes, cls_token_num=args.cls_token_num)
+    dtype = PRECISIONS[args.precision] if device.type == "cuda" else torch.float32
+    gpt = gpt.to(device=device, dtype=dtype).eval()
+    return Sampler(strategy, gpt, vq.eval(), args)

@@ -1,0 +1,136 @@
+"""Sample N images per class with any strategy over torchrun ranks and pack the ADM `.npz`.
+
+One process:
+    python autoregressive/sample/sample_c2i_ddp.py --strategy raster --gpt-model GPT-XL \
+        --gpt-ckpt pretrained_models/c2i_XL_384.pt --vq-ckpt pretrained_models/vq_ds16_c2i.pt \
+        --image-size 384 --image-size-eval 256 --cfg-scale 1.75
+Eight GPUs (what scripts/autoregressive/sample_c2i.sh runs):
+    torchrun --nproc_per_node=8 autoregressive/sample/sample_c2i_ddp.py ...
+
+Image i has class `i % num_classes` (50 per class by default; `--labels random` draws labels as the
+official driver does, from the seed) and a seed derived from `--global-seed` and i, so the images do
+not depend on the number of ranks. Finished batches are written as atomic shards; a rerun keeps
+them. Rank 0 packs `<sample-dir>/<name>.npz` (`arr_0` uint8 NHWC, `labels`) and writes
+`<name>.json` with every setting and the checkpoints' SHA-256.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from autoregressive.sample.common import add_sampling_args, load_sampler
+from autoregressive.sample.shards import (finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
+                                          write_shard)
+from utils.checkpoint import file_sha256, save_json
+from utils.distributed import barrier, cleanup, init_distributed
+from utils.logger import create_logger, progress
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The official folder name, prefixed by the strategy and with the steps when set."""
+    ckpt_name = Path(args.gpt_ckpt).stem if not args.from_fsdp else Path(args.gpt_ckpt).parent.name
+    steps = f"-steps-{args.steps}" if args.steps is not None else ""
+    return (f"{args.strategy}-{args.gpt_model or 'GPT'}-{ckpt_name}-size-{args.image_size}-size-{args.image_size_eval}"
+            f"-{args.vq_model}-topk-{args.top_k}-topp-{args.top_p}-temperature-{args.temperature}"
+            f"-cfg-{args.cfg_scale}{steps}-seed-{args.global_seed}")
+
+
+def labels_and_seeds(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    total = args.num_fid_samples
+    if args.labels == "balanced":
+        per_class = math.ceil(total / args.num_classes)
+        labels, seeds = sample_plan(args.num_classes, per_class, args.global_seed)
+        return labels[:total], seeds[:total]
+    seeds = image_seeds(args.global_seed, torch.arange(total))
+    labels = image_seeds(args.global_seed + 1, torch.arange(total)) % args.num_classes
+    return labels, seeds
+
+
+def main(args: argparse.Namespace) -> Path:
+    # Setup ----------------------------------------------------------------------------------
+    info = init_distributed(args.device)
+    rank, world, device = info.rank, info.world_size, info.device
+    name = run_name(args)
+    folder = Path(args.sample_dir) / name
+    logger = create_logger("sample", folder if rank == 0 else None, rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Settings: refuse to mix shards written with other settings -----------------------------
+    settings = {k: v for k, v in vars(args).items() if k not in ("device",)}
+    settings["gpt_ckpt_sha256"] = file_sha256(args.gpt_ckpt) if rank == 0 else None
+    settings["vq_ckpt_sha256"] = file_sha256(args.vq_ckpt) if rank == 0 else None
+    settings_file = folder / "settings.json"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if settings_file.is_file():
+            import json
+
+            old = json.loads(settings_file.read_text())
+            differ = sorted(k for k in set(old) | set(settings)
+                            if k not in ("num_fid_samples", "per_proc_batch_size") and old.get(k) != settings.get(k))
+            if differ:
+                raise RuntimeError(f"{folder} holds samples made with other settings ({', '.join(differ)}); "
+                                   f"use another --sample-dir or remove it")
+            if old.get("per_proc_batch_size") != settings["per_proc_batch_size"] and finished_shards(folder):
+                raise RuntimeError(f"{folder} holds shards of --per-proc-batch-size {old['per_proc_batch_size']}; "
+                                   f"rerun with that batch size to resume")
+        save_json(settings_file, settings)
+    barrier()
+
+    # Models -----------------------------------------------------------------------------------
+    sampler = load_sampler(args, device)
+    labels, seeds = labels_and_seeds(args)
+    total, bs = len(labels), args.per_proc_batch_size
+    num_batches = math.ceil(total / bs)
+    done = finished_shards(folder)
+    mine = [b for b in range(rank, num_batches, world) if b * bs not in done]
+    logger.info(f"{total} images ({args.labels} labels), {num_batches} batches of {bs}; "
+                f"{len(done)} already done, {len(mine)} for rank 0 now")
+
+    # Sample ---------------------------------------------------------------------------------
+    t0, made = time.perf_counter(), 0
+    for b in progress(mine, enabled=rank == 0, desc="sample", unit="batch"):
+        lo, hi = b * bs, min((b + 1) * bs, total)
+        images = sampler.images(labels[lo:hi], seeds[lo:hi])
+        write_shard(folder, lo, to_uint8(images, args.image_size_eval), labels[lo:hi].numpy())
+        made += hi - lo
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if made:
+        logger.info(f"rank 0: {made} images in {time.perf_counter() - t0:.1f} s")
+    barrier()
+
+    # Pack -------------------------------------------------------------------------------------
+    out = Path(args.sample_dir) / f"{name}.npz"
+    if rank == 0:
+        pack_npz(folder, out, total)
+        save_json(out.with_suffix(".json"), settings)
+        logger.info(f"wrote {out} ({total} images, {args.image_size_eval}x{args.image_size_eval})")
+    barrier()
+    cleanup()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--sample-dir", type=str, default="samples", help="shards and the .npz go here")
+    o.add_argument("--per-proc-batch-size", type=int, default=32, help="images per batch per rank")
+    o.add_argument("--num-fid-samples", type=int, default=50000, help="number of images")
+    o.add_argument("--labels", type=str, default="balanced", choices=["balanced", "random"],
+                   help="balanced: image i has class i %% num_classes (50 per class); random: drawn from "
+                        "the seed like the official driver (uniform, not balanced)")
+    return p
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -1,0 +1,312 @@
+"""Train a class-conditional GPT with any decoding strategy, on pre-extracted codes (DDP).
+
+One process (CPU or one GPU):
+    python autoregressive/train/train_c2i.py --strategy raster --code-path codes/imagenet_code_c2i_flip_ten_crop \
+        --image-size 384 --gpt-model GPT-B
+Several (torchrun; what scripts/autoregressive/train_c2i.sh runs):
+    torchrun --nproc_per_node=8 autoregressive/train/train_c2i.py --strategy raster --code-path ... \
+        --image-size 384 --gpt-model GPT-XL
+Resume a killed run from its last complete checkpoint (same data order, same weights):
+    python autoregressive/train/train_c2i.py ... --resume results/000-GPT-B-raster
+
+The official LlamaGen flags keep their names and defaults (`specs/llamagen.md` section 6); what
+differs between strategies lives in `autoregressive/strategies/` (the `--strategy` registry).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from autoregressive.models.gpt import GPT_SIZES
+from autoregressive.strategies import get_strategy, strategy_names
+from dataset.codes import CodeDataset
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
+from utils.ema import make_ema, update_ema
+from utils.logger import create_logger, progress
+from utils.training import (MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
+                            autocast_context, gather_rng_states, last_checkpoint, make_adamw,
+                            make_grad_scaler, new_run_dir, set_rng_state)
+
+# The flags that fix the model's shape; a resumed run takes them from its checkpoint.
+ARCH_FLAGS = ("strategy", "gpt_model", "vocab_size", "cls_token_num", "image_size", "downsample_size",
+              "num_classes", "dropout_p", "token_dropout_p", "drop_path_rate", "class_dropout_prob")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """GPTConfig fields from the official flags (resid and FFN dropout both take --dropout-p)."""
+    grid = args.image_size // args.downsample_size
+    return dict(vocab_size=args.vocab_size, block_size=grid * grid, num_classes=args.num_classes,
+                cls_token_num=args.cls_token_num, resid_dropout_p=args.dropout_p,
+                ffn_dropout_p=args.dropout_p, token_dropout_p=args.token_dropout_p,
+                drop_path_rate=args.drop_path_rate, class_dropout_prob=args.class_dropout_prob)
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The strategy's RNG for one step (random orders, group sizes): a function of (seed, rank, step),
+    so a resumed run draws what the uninterrupted run drew."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
+
+
+def check_resume_args(saved: dict, args: argparse.Namespace, logger) -> None:
+    """Architecture flags come from the checkpoint; a contradicting flag on the command line is an error."""
+    defaults = vars(build_parser().parse_args(["--code-path", "x"]))
+    for k in ARCH_FLAGS:
+        given = getattr(args, k)
+        if k in saved and given != saved[k]:
+            if given != defaults.get(k):
+                raise CheckpointError(f"--{k.replace('_', '-')} {given!r} contradicts the checkpoint being "
+                                      f"resumed, which was trained with {saved[k]!r}")
+            setattr(args, k, saved[k])
+    logger.info("architecture flags taken from the checkpoint: "
+                + ", ".join(f"{k}={getattr(args, k)}" for k in ARCH_FLAGS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> Path:
+    # Setup DDP ------------------------------------------------------------------------------
+    dist_info = init_distributed(args.device)
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    if args.global_batch_size % (world * args.gradient_accumulation_steps) != 0:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by world size {world} "
+                         f"x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
+    micro_batch = args.global_batch_size // (world * args.gradient_accumulation_steps)
+    torch.manual_seed(args.global_seed * world + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Experiment folder: a new run, or the run being resumed ---------------------------------
+    resume_path = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        resume_path = last_checkpoint(run_dir)
+    elif args.gpt_ckpt:
+        resume_path = Path(args.gpt_ckpt)
+        run_dir = resume_path.parent.parent
+    else:
+        run_dir = None
+    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    if rank == 0 and run_dir is None:
+        run_dir = new_run_dir(args.results_dir, f"{args.gpt_model}-{args.strategy}")
+    if world > 1 and args.resume is None and args.gpt_ckpt is None:
+        holder = [str(run_dir) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    logger = create_logger("train_c2i", run_dir, rank)
+    if ckpt is not None:
+        check_resume_args(ckpt["args"], args, logger)
+        logger.info(f"resuming from {resume_path} (step {ckpt['steps']})")
+    elif args.resume:
+        logger.info(f"--resume {run_dir}: no complete checkpoint yet, starting from step 0")
+    logger.info(f"run folder {run_dir}; world size {world}; device {device}; micro-batch {micro_batch}")
+
+    # Model, EMA, optimizer ------------------------------------------------------------------
+    strategy = get_strategy(args.strategy)
+    model = strategy.build_model(args.gpt_model, **model_kwargs(args)).to(device)
+    ema = make_ema(model) if args.ema else None
+    optimizer = make_adamw(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    scaler = make_grad_scaler(device, args.mixed_precision)
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    logger.info(f"{args.gpt_model} ({args.strategy}): {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    # Data -----------------------------------------------------------------------------------
+    data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
+                       seed=args.global_seed)
+    if data.num_tokens != model.config.block_size:
+        raise ValueError(f"the codes under {args.code_path} have {data.num_tokens} tokens per image, but "
+                         f"--image-size {args.image_size} / --downsample-size {args.downsample_size} "
+                         f"needs {model.config.block_size}")
+    # One sampler "batch" = one optimizer step's micro-batches on this rank.
+    sampler = ResumableDistributedSampler(len(data), rank, world, micro_batch * args.gradient_accumulation_steps,
+                                          seed=args.global_seed)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    logger.info(f"{len(data):,} code files, {steps_per_epoch} steps per epoch, {total_steps} steps in all")
+
+    # Resume ---------------------------------------------------------------------------------
+    steps, data_pos = 0, 0
+    if ckpt is not None:
+        strategy.load_official(model, ckpt["model"], what=f"resume checkpoint {resume_path}")
+        if ema is not None:
+            strategy.load_official(ema, ckpt["ema"], what=f"resume checkpoint {resume_path} (ema)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        guard.load_state_dict(ckpt["nonfinite"])
+        steps, data_pos = int(ckpt["steps"]), int(ckpt["data_pos"])
+        rng = ckpt.get("rng", [])
+        if len(rng) == world:
+            set_rng_state(rng[rank])
+        else:
+            logger.info(f"the checkpoint holds RNG states of {len(rng)} ranks, this run has {world}: "
+                        f"dropout draws will differ from an uninterrupted run")
+        del ckpt
+
+    raw_model = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_on = args.compile if args.compile is not None else device.type == "cuda"
+    if compile_on:
+        logger.info("compiling the model with torch.compile")
+        model = torch.compile(model)
+
+    # Loop -----------------------------------------------------------------------------------
+    # `data_pos` counts the optimizer-sized batches consumed, skipped ones included, so a resumed
+    # run restarts exactly where the data stopped even after a non-finite step.
+    metrics = MetricsWriter(logger, run_dir if rank == 0 else None, enabled=rank == 0)
+    meter = Throughput(device)
+    loader_gen = torch.Generator().manual_seed(args.global_seed)  # worker seeds, off the global RNG
+    running_loss, running_n, grad_norm = torch.zeros((), device=device), 0, torch.zeros(())
+    accum = args.gradient_accumulation_steps
+    bar = progress(total=total_steps, initial=steps, enabled=rank == 0, desc="train", unit="step")
+    model.train()
+    while steps < total_steps and data_pos < args.epochs * steps_per_epoch:
+        epoch, start_batch = divmod(data_pos, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch)
+        data.set_epoch(epoch)
+        loader = iter(DataLoader(data, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
+                                 pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
+        for _ in range(start_batch, steps_per_epoch):
+            finite = True
+            for micro in range(accum):
+                codes, labels = next(loader)
+                codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if not finite:
+                    continue  # consume the rest of a skipped step's micro-batches
+                gen = step_generator(args.global_seed, rank, data_pos * accum + micro, device)
+                sync = model.no_sync() if (world > 1 and micro < accum - 1) else contextlib.nullcontext()
+                with sync:
+                    with autocast_context(device, args.mixed_precision):
+                        loss = strategy.training_loss(model, codes, labels, generator=gen)
+                    # Every rank decides together, or DDP's gradient all-reduce would hang.
+                    finite = all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() == 0
+                    if finite:
+                        scaler.scale(loss / accum).backward()
+                        running_loss += loss.detach()
+                        running_n += 1
+                        meter.add(codes.numel())
+            data_pos += 1
+            if not guard.check(finite, steps):
+                logger.info(f"step {steps}: non-finite loss, step skipped ({guard.total} so far)")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, raw_model, decay=args.ema_decay)
+            steps += 1
+            bar.update(1)
+
+            if steps % args.log_every == 0 or steps == total_steps:
+                avg = all_reduce_mean(running_loss / max(running_n, 1)).item()
+                tok_s = all_reduce_sum(torch.tensor(meter.read_and_reset(), device=device)).item()
+                metrics.write(steps, {"train/loss": avg, "train/tokens_per_s": tok_s,
+                                      "train/lr": optimizer.param_groups[0]["lr"],
+                                      "train/grad_norm": float(grad_norm), "train/nonfinite_steps": guard.total,
+                                      "train/epoch": data_pos / steps_per_epoch})
+                bar.set_postfix(loss=f"{avg:.4f}")
+                running_loss.zero_()
+                running_n = 0
+
+            if steps % args.ckpt_every == 0 or steps == total_steps:
+                rng = gather_rng_states()
+                if rank == 0:
+                    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "steps": steps, "data_pos": data_pos,
+                             "epoch": data_pos / steps_per_epoch, "args": vars(args), "rng": rng,
+                             "nonfinite": guard.state_dict(), "class_to_idx": data.class_to_idx,
+                             "codes": data.describe()}
+                    if ema is not None:
+                        state["ema"] = ema.state_dict()
+                    path = save_checkpoint(state, Path(run_dir) / "checkpoints" / f"{steps:07d}.pt")
+                    logger.info(f"saved checkpoint {path}")
+                barrier()
+            if steps >= total_steps:
+                break
+    bar.close()
+    metrics.close()
+    logger.info(f"done: {steps} steps, {guard.total} non-finite step(s) skipped")
+    cleanup()
+    return Path(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags (official names and defaults, `specs/llamagen.md` section 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Strategy and model
+    p.add_argument("--strategy", type=str, default="raster", choices=strategy_names(),
+                   help="decoding strategy (what the model learns to predict)")
+    p.add_argument("--gpt-model", type=str, default="GPT-B", choices=list(GPT_SIZES), help="model size")
+    p.add_argument("--gpt-ckpt", type=str, default=None, help="resume from this training checkpoint file")
+    p.add_argument("--gpt-type", type=str, default="c2i", choices=["c2i"], help="class-conditional only")
+    p.add_argument("--vocab-size", type=int, default=16384, help="codebook size of the tokenizer")
+    p.add_argument("--cls-token-num", type=int, default=1, help="class tokens before the image tokens")
+    p.add_argument("--dropout-p", type=float, default=0.1, help="residual and FFN dropout")
+    p.add_argument("--token-dropout-p", type=float, default=0.1, help="dropout on the input embeddings")
+    p.add_argument("--drop-path-rate", type=float, default=0.0, help="stochastic depth (does not change --dropout-p)")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the model (default: on for CUDA, off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="do not compile")
+    # Data
+    p.add_argument("--code-path", type=str, required=True, help="folder written by extract_codes_c2i.py")
+    p.add_argument("--dataset", type=str, default="imagenet", help="data set name in the code folder names")
+    p.add_argument("--image-size", type=int, default=256, help="image size the codes were extracted at")
+    p.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling factor")
+    p.add_argument("--num-classes", type=int, default=1000, help="number of classes")
+    p.add_argument("--num-workers", type=int, default=24, help="DataLoader workers per rank")
+    # Optimisation
+    p.add_argument("--epochs", type=int, default=300, help="training epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (e.g. a short test)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as official)")
+    p.add_argument("--weight-decay", type=float, default=5e-2, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--global-batch-size", type=int, default=256, help="batch over all ranks and micro-steps")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--mixed-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
+                   help="autocast dtype on CUDA (CPU runs float32)")
+    p.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop when this many steps in a row have a non-finite loss")
+    # Run
+    p.add_argument("--global-seed", type=int, default=0, help="seed (per rank: seed * world + rank)")
+    p.add_argument("--results-dir", type=str, default="results", help="new runs go to <results>/<NNN>-<model>")
+    p.add_argument("--resume", type=str, default=None, help="run folder to resume from its last checkpoint")
+    p.add_argument("--log-every", type=int, default=100, help="log every N steps")
+    p.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N steps")
+    p.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    return p
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
