@@ -84,7 +84,7 @@ def collate_skip_corrupt(batch: list) -> dict:
     """Collate the good items; report corrupt ones by path. Works inside DataLoader workers."""
     good = [b for b in batch if not isinstance(b, dict)]
     skipped = [b["corrupt"] for b in batch if isinstance(b, dict)]
-    out = {"skipped": skipped}
+    out = {"skipped": skipped, "skipped_indices": [b.get("index") for b in batch if isinstance(b, dict)]}
     if good:
         x, y, idx = default_collate(good)
         out.update(images=x, labels=y, indices=idx)

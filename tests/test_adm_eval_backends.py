@@ -26,7 +26,9 @@ from tests.test_parity_adm_eval import StandInInception
 from utils.checkpoint import save_checkpoint
 
 try:
-    import tensorflow.compat.v1 as tf
+    from evaluations.c2i.inception_tf import import_tensorflow
+
+    tf = import_tensorflow()  # loads triton before TensorFlow (see import_tensorflow)
 except ImportError:  # the tf backend is optional
     tf = None
 

@@ -90,6 +90,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (a one-element list when distributed is off)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -62,13 +62,27 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
 
 
-def check_resume_args(saved: dict, args: argparse.Namespace, logger) -> None:
-    """Architecture flags come from the checkpoint; a contradicting flag on the command line is an error."""
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags given on the command line (defaults excluded)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = action.const
+            probe.add_argument(*action.option_strings, **kwargs)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] | None, logger) -> None:
+    """Architecture flags come from the checkpoint; one given on the command line that contradicts
+    it is an error (`explicit` None: every flag that differs from its default counts as given)."""
     defaults = vars(build_parser().parse_args(["--code-path", "x"]))
     for k in ARCH_FLAGS:
         given = getattr(args, k)
         if k in saved and given != saved[k]:
-            if given != defaults.get(k):
+            if (k in explicit) if explicit is not None else given != defaults.get(k):
                 raise CheckpointError(f"--{k.replace('_', '-')} {given!r} contradicts the checkpoint being "
                                       f"resumed, which was trained with {saved[k]!r}")
             setattr(args, k, saved[k])
@@ -81,7 +95,8 @@ def check_resume_args(saved: dict, args: argparse.Namespace, logger) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
+    """Train; `explicit` names the flags given on the command line (for resume checks)."""
     # Setup DDP ------------------------------------------------------------------------------
     dist_info = init_distributed(args.device)
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
@@ -93,6 +108,15 @@ def main(args: argparse.Namespace) -> Path:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+    # Data: checked before anything is written ----------------------------------------------
+    data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
+                       seed=args.global_seed)
+    grid = args.image_size // args.downsample_size
+    if data.num_tokens != grid * grid:
+        raise ValueError(f"the codes under {args.code_path} have {data.num_tokens} tokens per image, but "
+                         f"--image-size {args.image_size} / --downsample-size {args.downsample_size} "
+                         f"needs {grid * grid}")
 
     # Experiment folder: a new run, or the run being resumed ---------------------------------
     resume_path = None
@@ -113,7 +137,7 @@ def main(args: argparse.Namespace) -> Path:
         run_dir = Path(holder[0])
     logger = create_logger("train_c2i", run_dir, rank)
     if ckpt is not None:
-        check_resume_args(ckpt["args"], args, logger)
+        check_resume_args(ckpt["args"], args, explicit, logger)
         logger.info(f"resuming from {resume_path} (step {ckpt['steps']})")
     elif args.resume:
         logger.info(f"--resume {run_dir}: no complete checkpoint yet, starting from step 0")
@@ -128,21 +152,14 @@ def main(args: argparse.Namespace) -> Path:
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     logger.info(f"{args.gpt_model} ({args.strategy}): {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    # Data -----------------------------------------------------------------------------------
-    data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
-                       seed=args.global_seed)
-    if data.num_tokens != model.config.block_size:
-        raise ValueError(f"the codes under {args.code_path} have {data.num_tokens} tokens per image, but "
-                         f"--image-size {args.image_size} / --downsample-size {args.downsample_size} "
-                         f"needs {model.config.block_size}")
-    # One sampler "batch" = one optimizer step's micro-batches on this rank.
     sampler = ResumableDistributedSampler(len(data), rank, world, micro_batch * args.gradient_accumulation_steps,
-                                          seed=args.global_seed)
+                                          seed=args.global_seed)  # one "batch" = one optimizer step on this rank
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    logger.info(f"{len(data):,} code files, {steps_per_epoch} steps per epoch, {total_steps} steps in all")
+    logger.info(f"{len(data):,} code files ({data.layout} layout), {steps_per_epoch} steps per epoch, "
+                f"{total_steps} steps in all")
 
     # Resume ---------------------------------------------------------------------------------
     steps, data_pos = 0, 0
@@ -309,4 +326,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    parser = build_parser()
+    main(parser.parse_args(), explicit_flags(parser, sys.argv[1:]))

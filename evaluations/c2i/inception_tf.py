@@ -26,7 +26,14 @@ SPATIAL_CHANNELS = 7
 
 
 def import_tensorflow():
-    """`tensorflow.compat.v1`, or ImportError saying how to install it."""
+    """`tensorflow.compat.v1`, or ImportError saying how to install it.
+
+    torch's compiler stack (triton, via `torch._dynamo`) is loaded first: loading triton's native
+    library after TensorFlow's crashes the process (a symbol clash between their LLVM builds), and
+    torchvision imports it lazily, so any later torchvision import would segfault.
+    """
+    import torch._dynamo  # noqa: F401, PLC0415 - import order matters, see above
+
     try:
         import tensorflow.compat.v1 as tf  # noqa: PLC0415 - optional dependency
     except ImportError as e:

@@ -1,0 +1,294 @@
+"""Extract the VQ code indices of a class-folder data set once, in the layout GPT training reads (DDP).
+
+One process (CPU or one GPU):
+    python autoregressive/train/extract_codes_c2i.py --vq-ckpt pretrained_models/vq_ds16_c2i.pt \
+        --data-path imagenet/train --code-path codes/imagenet_code_c2i_flip --image-size 256
+Several (torchrun; what scripts/autoregressive/extract_codes_c2i.sh runs), ten-crop as in the paper:
+    torchrun --nproc_per_node=8 autoregressive/train/extract_codes_c2i.py --vq-ckpt pretrained_models/vq_ds16_c2i.pt \
+        --data-path imagenet/train --code-path codes/imagenet_code_c2i_flip_ten_crop --ten-crop --crop-range 1.1 \
+        --image-size 384
+The embedded demo set (no --data-path):
+    python autoregressive/train/extract_codes_c2i.py --dataset digits --image-size 32 --vq-model VQ-debug \
+        --codebook-size 512 --vq-ckpt results/vq-debug.pt --code-path codes/digits_flip --device cpu
+
+Writes, as the official `extract_codes_c2i.py` does (`specs/llamagen.md` section 4),
+`<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and `<dataset><S>_labels/<k>.npy`
+int64 (1,), k = the image's index in the data set; rank r encodes k = r, r+W, r+2W, ... (no padding
+duplicates). Views: without --ten-crop the ADM centre crop and its mirror (num_aug 2); with it the ten
+crops of an int(S * crop_range) centre crop (num_aug 10). Each file is written atomically.
+
+Beside the codes (`<dataset><S>_codes/`): `codes_meta.json` (tokenizer identity, image size, crop
+setting, num_aug, class map, data set size, skipped images), `class_to_idx.json`, and, written last
+by a run that finished, `manifest.json`. A rerun skips the images whose code and label files both
+exist. One code path holds the codes of one tokenizer at one image size and crop setting: adding
+anything else is refused before a file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from dataset.build import IMAGE_DATASETS, build_image_dataset
+from dataset.codes import MANIFEST_FILE, META_FILE, META_FORMAT, code_dirs, npy_indices, read_meta
+from dataset.image_folder import DatasetError, collate_skip_corrupt, write_class_index
+from dataset.transforms import center_crop_tensor, ten_crop_tensor, with_flip
+from tokenizer.loading import load_vq, tokenizer_identity
+from tokenizer.vq_model import VQ_models, VQModel
+from utils.checkpoint import CheckpointError, save_json, save_npy
+from utils.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
+from utils.logger import create_logger, progress
+
+
+class ExtractError(ValueError):
+    """Settings that extraction refuses before writing anything."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def extraction_transform(img, image_size: int, ten_crop: bool, crop_range: float) -> torch.Tensor:
+    """PIL image -> the views encoded before flipping: (10,3,S,S) with --ten-crop, else (1,3,S,S)."""
+    if ten_crop:
+        return ten_crop_tensor(img, image_size, crop_range)
+    return center_crop_tensor(img, image_size)
+
+
+def encode_image(vq: VQModel, views: torch.Tensor, ten_crop: bool) -> np.ndarray:
+    """(V,3,S,S) views of one image -> int64 codes (1, num_aug, N), one forward as the official.
+
+    Ten-crop views already contain their mirrors (TenCrop); otherwise [x, flip(x)] (num_aug 2).
+    """
+    x_all = views if ten_crop else with_flip(views)
+    idx = vq.encode_to_indices(x_all)  # (num_aug, N)
+    return idx.reshape(1, x_all.shape[0], -1).to("cpu", torch.int64).numpy()
+
+
+def load_tokenizer(args: argparse.Namespace, device: torch.device) -> tuple[VQModel, dict]:
+    """The tokenizer and its identity; refuses a checkpoint or image size that does not fit."""
+    vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
+    cfg = vq.config
+    if (cfg.codebook_size, cfg.codebook_embed_dim) != (args.codebook_size, args.codebook_embed_dim):
+        raise CheckpointError(
+            f"VQ checkpoint {args.vq_ckpt} has a {cfg.codebook_size} x {cfg.codebook_embed_dim} codebook, but "
+            f"--codebook-size {args.codebook_size} --codebook-embed-dim {args.codebook_embed_dim} were given")
+    if args.image_size % vq.downsample != 0:
+        raise ExtractError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling "
+                           f"factor {vq.downsample} ({args.vq_model}); use e.g. "
+                           f"{(args.image_size // vq.downsample) * vq.downsample or vq.downsample}")
+    identity = tokenizer_identity(vq, os.path.basename(args.vq_ckpt))
+    return vq.to(device).eval(), identity
+
+
+def extraction_meta(args: argparse.Namespace, identity: dict, data, num_aug: int, num_tokens: int) -> dict:
+    """What the codes folder records about how its codes were made."""
+    return {"format": META_FORMAT, "dataset": args.dataset,
+            "data_path": os.path.abspath(args.data_path) if args.data_path else None,
+            "num_images": len(data), "image_size": args.image_size, "ten_crop": args.ten_crop,
+            "crop_range": args.crop_range if args.ten_crop else None, "num_aug": num_aug,
+            "num_tokens": num_tokens, "vq_model": args.vq_model, "tokenizer": identity,
+            "class_to_idx": dict(data.class_to_idx), "skipped": []}
+
+
+def _setting(meta: dict, key: str):
+    """A comparable, printable value of one recorded setting."""
+    v = meta.get(key)
+    if key == "tokenizer":
+        v = v or {}
+        cfg = json.dumps(v.get("config"), sort_keys=True, default=str)  # order-free, as JSON stores it
+        return f"weights sha256 {str(v.get('weights_sha256'))[:16]}, config {cfg}"
+    if key == "class_to_idx":
+        digest = hashlib.sha256(repr(sorted((v or {}).items())).encode()).hexdigest()
+        return f"{len(v or {})} classes, sha256 {digest[:12]}"
+    return v
+
+
+def check_existing(code_path: Path, codes_dir: Path, meta: dict) -> None:
+    """Refuse to add to a code path whose codes were made another way (nothing is written).
+
+    Every `*_codes/` folder of the code path must share this run's tokenizer, image size and crop
+    setting; the folder written to must also hold the same data set (name, size, class map).
+    """
+    if code_path.is_dir():
+        for found_meta in sorted(code_path.glob(f"*_codes/{META_FILE}")):
+            found = read_meta(found_meta.parent)
+            keys = ["tokenizer", "image_size", "ten_crop", "crop_range"]
+            if found_meta.parent == codes_dir:
+                keys += ["dataset", "num_images", "class_to_idx"]
+            bad = [f"{k}: there {_setting(found, k)}; this run {_setting(meta, k)}"
+                   for k in keys if _setting(found, k) != _setting(meta, k)]
+            if bad:
+                raise ExtractError(
+                    f"refusing to add codes to {code_path}: {found_meta.parent.name} was extracted with other "
+                    f"settings (one code path holds one tokenizer, image size and crop setting; use a new "
+                    f"--code-path):\n  " + "\n  ".join(bad))
+    if codes_dir.is_dir() and read_meta(codes_dir) is None and len(npy_indices(codes_dir)) > 0:
+        raise ExtractError(f"refusing to add codes to {codes_dir}: it holds codes without {META_FILE}, so "
+                           f"the tokenizer that made them cannot be checked; use a new --code-path")
+
+
+def remove_stale_temporaries(*folders: Path) -> int:
+    """Delete the temporary files a killed run left behind (atomic writes never finished)."""
+    n = 0
+    for folder in folders:
+        for p in folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def finished_indices(codes_dir: Path, labels_dir: Path) -> np.ndarray:
+    """Indices whose code and label files both exist (what a rerun skips)."""
+    return np.intersect1d(npy_indices(codes_dir), npy_indices(labels_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    # Setup DDP ------------------------------------------------------------------------------
+    dist_info = init_distributed(args.device)
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    torch.manual_seed(args.global_seed * world + rank)  # extraction draws nothing random; kept as official
+    # --debug: every rank logs each file it writes (the official prints every index).
+    logger = create_logger("extract_codes", None, 0 if args.debug else rank)
+    logger.info(f"rank {rank} of {world} on {device}")
+
+    # Tokenizer: refuse a wrong checkpoint or image size before any work ------------------------
+    if args.ten_crop and int(args.image_size * args.crop_range) < args.image_size:
+        raise ExtractError(f"--crop-range {args.crop_range} must be >= 1 (ten crops of size --image-size "
+                           f"are cut from an int(image_size * crop_range) centre crop)")
+    vq, identity = load_tokenizer(args, device)
+    num_tokens = (args.image_size // vq.downsample) ** 2
+    num_aug = 10 if args.ten_crop else 2
+    logger.info(f"{args.vq_model} from {args.vq_ckpt}: {num_aug} views x {num_tokens} codes per image, "
+                f"weights sha256 {identity['weights_sha256'][:12]}")
+
+    # Data (an empty folder or one without images raises here) ---------------------------------
+    if args.dataset == "digits" and args.data_path:
+        raise ExtractError("--dataset digits is embedded (its train split); drop --data-path")
+    transform = functools.partial(extraction_transform, image_size=args.image_size, ten_crop=args.ten_crop,
+                                  crop_range=args.crop_range)
+    data = build_image_dataset(args.dataset, args.data_path, transform, args.image_size)
+    if len(data) == 0:
+        raise DatasetError(f"--dataset {args.dataset} has no images")
+
+    # Code folders: check what is there, then record how these codes are made ----------------
+    code_path = Path(args.code_path)
+    codes_dir, labels_dir = code_dirs(code_path, args.dataset, args.image_size)
+    meta = extraction_meta(args, identity, data, num_aug, num_tokens)
+    check_existing(code_path, codes_dir, meta)  # every rank checks, so every rank stops together
+    barrier()  # all ranks have checked the folder as it was before rank 0 writes to it
+    if rank == 0:
+        codes_dir.mkdir(parents=True, exist_ok=True)
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        (codes_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a manifest means: the last run finished
+        stale = remove_stale_temporaries(codes_dir, labels_dir)
+        if stale:
+            logger.info(f"removed {stale} unfinished temporary file(s) of an interrupted run")
+        save_json(codes_dir / META_FILE, meta)
+        write_class_index(codes_dir, data.class_to_idx)
+    barrier()
+
+    # This rank's images: k = rank, rank + W, ... minus those already finished ------------------
+    done = set(finished_indices(codes_dir, labels_dir).tolist())
+    mine = [k for k in range(rank, len(data), world) if k not in done]
+    already = len(range(rank, len(data), world)) - len(mine)
+    logger.info(f"{len(data):,} images; {len(done):,} already extracted; rank {rank} encodes {len(mine):,}")
+    loader = DataLoader(Subset(data, mine), batch_size=1, shuffle=False, num_workers=args.num_workers,
+                        collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda")
+
+    # Loop -----------------------------------------------------------------------------------
+    written, skipped = 0, []
+    for batch in progress(loader, enabled=rank == 0, total=len(mine), desc="extract", unit="img"):
+        skipped.extend(zip(batch["skipped_indices"], batch["skipped"]))
+        if "images" not in batch:
+            continue
+        k = int(batch["indices"][0])
+        codes = encode_image(vq, batch["images"][0].to(device, non_blocking=True), args.ten_crop)
+        # Code first, label last: an image counts as finished only once both exist.
+        save_npy(codes_dir / f"{k}.npy", codes)  # (1, num_aug, N) int64
+        save_npy(labels_dir / f"{k}.npy", np.array([int(batch["labels"][0])], dtype=np.int64))  # (1,)
+        written += 1
+        if args.debug:
+            logger.info(f"rank {rank}: wrote {k}")
+
+    # Report: counts over ranks, skipped list and completion manifest ----------------------------
+    counts = all_reduce_sum(torch.tensor([written, len(skipped), already], dtype=torch.int64, device=device))
+    written_all, skipped_all, already_all = (int(c) for c in counts.cpu())
+    skipped_list = sorted((int(i), p) for part in all_gather_object(skipped) for i, p in part)
+    barrier()
+    manifest = None
+    if rank == 0:
+        present = finished_indices(codes_dir, labels_dir)
+        skipped_idx = {i for i, _ in skipped_list}
+        missing = sorted(set(range(len(data))) - set(present.tolist()) - skipped_idx)
+        meta["skipped"] = [{"index": i, "path": p} for i, p in skipped_list]
+        save_json(codes_dir / META_FILE, meta)
+        manifest = {"complete": not missing, "num_images": len(data), "codes_present": len(present),
+                    "written_this_run": written_all, "already_present": already_all,
+                    "skipped": meta["skipped"], "missing": missing, "world_size": world}
+        save_json(codes_dir / MANIFEST_FILE, manifest)
+        logger.info(f"wrote {written_all:,} code files ({already_all:,} were already there); "
+                    f"{len(present):,} of {len(data):,} images have codes in {codes_dir}")
+        if skipped_all:
+            shown = "\n  ".join(p for _, p in skipped_list[:20])
+            logger.info(f"skipped {skipped_all} corrupt or unreadable image(s) (listed in {META_FILE}):\n  {shown}")
+        else:
+            logger.info("no corrupt or unreadable images")
+    barrier()
+    cleanup()
+    return manifest if manifest is not None else {"written_this_run": written_all}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags (official names and defaults, `specs/llamagen.md` section 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Data
+    p.add_argument("--data-path", type=str, default=None, help="class-folder root <root>/<class>/<image>")
+    p.add_argument("--dataset", type=str, default="imagenet", choices=list(IMAGE_DATASETS),
+                   help="imagenet / folder: any class-folder tree; digits: the embedded demo set (train split)")
+    p.add_argument("--code-path", type=str, required=True,
+                   help="output root; codes go to <code-path>/<dataset><image-size>_codes and _labels")
+    p.add_argument("--image-size", type=int, default=256, help="image side in pixels (a multiple of the downsampling)")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="encode the ten crops of an int(image_size * crop_range) centre crop (else crop + flip)")
+    p.add_argument("--crop-range", type=float, default=1.1, help="crop scale for --ten-crop (official 1.1 / 1.05)")
+    # Tokenizer
+    p.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models), help="tokenizer size")
+    p.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint (official or ours)")
+    p.add_argument("--codebook-size", type=int, default=16384, help="codebook entries of the tokenizer")
+    p.add_argument("--codebook-embed-dim", type=int, default=8, help="codebook vector size of the tokenizer")
+    # Run
+    p.add_argument("--global-seed", type=int, default=0, help="seed (per rank: seed * world + rank)")
+    p.add_argument("--num-workers", type=int, default=24, help="DataLoader workers per rank")
+    p.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument("--debug", action="store_true", help="log every file written, on every rank")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except (CheckpointError, DatasetError, ExtractError) as e:
+        print(f"extract_codes_c2i.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,110 @@
+"""The GPT training driver: DDP on 2 CPU ranks learns; a killed run resumes to identical weights;
+bad input is refused clearly."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from utils.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_codes(root: Path, n: int = 96, num_tokens: int = 16, vocab: int = 64) -> Path:
+    """A learnable code folder in the official layout: class-dependent sequences, two views each."""
+    rng = np.random.RandomState(0)
+    (root / "digits16_codes").mkdir(parents=True)
+    (root / "digits16_labels").mkdir(parents=True)
+    for k in range(n):
+        y = k % 10
+        base = (y * 5 + np.arange(num_tokens)) % vocab
+        views = np.stack([base, (base + rng.randint(0, 2, num_tokens)) % vocab])[None]
+        np.save(root / "digits16_codes" / f"{k}.npy", views.astype(np.int64))
+        np.save(root / "digits16_labels" / f"{k}.npy", np.array([y], dtype=np.int64))
+    return root
+
+
+def train_cmd(codes: Path, results: Path, *extra: str, nproc: int = 1) -> list[str]:
+    args = ["autoregressive/train/train_c2i.py", "--code-path", str(codes), "--dataset", "digits",
+            "--image-size", "16", "--downsample-size", "4", "--vocab-size", "64", "--num-classes", "10",
+            "--gpt-model", "GPT-debug", "--global-batch-size", "16", "--lr", "1e-3", "--num-workers", "0",
+            "--results-dir", str(results), "--device", "cpu", *extra]
+    if nproc > 1:
+        return ["torchrun", "--nproc_per_node", str(nproc), "--master_port", str(29600 + os.getpid() % 1000), *args]
+    return [sys.executable, *args]
+
+
+def run(cmd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(log: str) -> list[float]:
+    return [float(line.split("train/loss ")[1].split(",")[0]) for line in log.splitlines() if "train/loss " in line]
+
+
+def test_two_ranks_learn(tmp_path):
+    codes = write_codes(tmp_path / "codes")
+    res = run(train_cmd(codes, tmp_path / "results", "--epochs", "4", "--log-every", "3", "--ckpt-every", "100",
+                        nproc=2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve = losses(res.stderr)
+    assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
+    run_dir = next((tmp_path / "results").iterdir())
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "0000024.pt")
+    assert ckpt["steps"] == 24 and len(ckpt["rng"]) == 2 and ckpt["args"]["strategy"] == "raster"
+    assert (run_dir / "log.txt").read_text().count("train/loss") == len(curve)
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    codes = write_codes(tmp_path / "codes")
+    common = ("--epochs", "5", "--log-every", "5", "--ckpt-every", "6", "--dropout-p", "0.1")
+    ref = run(train_cmd(codes, tmp_path / "ref", *common))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # Kill a second run with SIGKILL once its first checkpoint exists, then resume it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_cmd(codes, tmp_path / "killed", *common), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "killed").glob("*/checkpoints/0000006.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = next((tmp_path / "killed").iterdir())
+    done = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert done and "0000030.pt" not in done, done  # it really stopped midway
+    res = run(train_cmd(codes, tmp_path / "killed", *common, "--resume", str(run_dir)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / done[-1]}" in res.stderr
+    a = load_checkpoint(next((tmp_path / "ref").iterdir()) / "checkpoints" / "0000030.pt")
+    b = load_checkpoint(run_dir / "checkpoints" / "0000030.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["data_pos"] == b["data_pos"] == 30
+
+
+def test_bad_input_is_refused(tmp_path):
+    codes = write_codes(tmp_path / "codes")
+    res = run(train_cmd(codes, tmp_path / "r", "--downsample-size", "2", "--max-steps", "1"))
+    assert res.returncode != 0 and "tokens per image" in res.stderr
+    res = run(train_cmd(codes, tmp_path / "r", "--image-size", "32", "--max-steps", "1"))
+    assert res.returncode != 0 and "digits32_codes" in res.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    res = run(train_cmd(codes, tmp_path / "r", "--strategy", "nope"))
+    assert res.returncode != 0 and "raster" in res.stderr
+    res = run(train_cmd(codes, tmp_path / "r", "--max-steps", "2", "--ckpt-every", "2"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    run_dir = next((tmp_path / "r").iterdir())
+    res = run(train_cmd(codes, tmp_path / "r", "--resume", str(run_dir), "--gpt-model", "GPT-B",
+                        "--max-steps", "3"))
+    assert res.returncode != 0 and "--gpt-model 'GPT-B' contradicts the checkpoint" in res.stderr
+    res = run(train_cmd(codes, tmp_path / "r", "--resume", str(run_dir), "--max-steps", "3"))
+    assert res.returncode == 0 and "gpt_model=GPT-debug" in res.stderr, res.stderr[-2000:]
