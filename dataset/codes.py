@@ -99,7 +99,8 @@ def _short_identity(identity: dict | None) -> str:
 
 def check_codes_compatible(code_path: str | os.PathLike, dataset: str = "imagenet", image_size: int = 256, *,
                            tokenizer_identity: dict | None = None, codebook_size: int | None = None,
-                           num_tokens: int | None = None, class_to_idx: dict[str, int] | None = None) -> dict:
+                           num_tokens: int | None = None, class_to_idx: dict[str, int] | None = None,
+                           data: "CodeDataset | None" = None) -> dict:
     """Refuse codes that were not made for this use; return a description of what was found.
 
     Checks whatever is given: the tokenizer identity (`tokenizer.loading.tokenizer_identity`, compared
@@ -108,7 +109,8 @@ def check_codes_compatible(code_path: str | os.PathLike, dataset: str = "imagene
     folders without (official extraction, RandAR archive) are checked by their file shapes and code
     range, and a tokenizer identity cannot be verified there (the description says so).
     """
-    data = CodeDataset(code_path, dataset=dataset, image_size=image_size)
+    if data is None:  # the caller may pass the data set it already opened
+        data = CodeDataset(code_path, dataset=dataset, image_size=image_size)
     where = str(data.codes_dir)
     meta = data.meta
     if meta is not None:

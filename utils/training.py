@@ -222,13 +222,6 @@ def set_rng_state(state: dict) -> None:
 
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG state, gathered on all ranks (rank 0 stores them in the checkpoint)."""
-    import torch.distributed as dist
+    from utils.distributed import all_gather_object
 
-    from utils.distributed import get_world_size, is_distributed
-
-    mine = rng_state()
-    if not is_distributed():
-        return [mine]
-    out: list = [None] * get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
+    return all_gather_object(rng_state())

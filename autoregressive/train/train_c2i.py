@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 
 from autoregressive.models.gpt import GPT_SIZES
 from autoregressive.strategies import get_strategy, strategy_names
-from dataset.codes import CodeDataset
+from dataset.codes import CodeDataset, check_codes_compatible
+from dataset.image_folder import check_class_index
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.ema import make_ema, update_ema
@@ -113,10 +114,10 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
     data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
                        seed=args.global_seed)
     grid = args.image_size // args.downsample_size
-    if data.num_tokens != grid * grid:
-        raise ValueError(f"the codes under {args.code_path} have {data.num_tokens} tokens per image, but "
-                         f"--image-size {args.image_size} / --downsample-size {args.downsample_size} "
-                         f"needs {grid * grid}")
+    codes_info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
+                                        codebook_size=args.vocab_size, num_tokens=grid * grid)
+    if data.class_to_idx is not None and len(data.class_to_idx) > args.num_classes:
+        raise ValueError(f"the codes have {len(data.class_to_idx)} classes but --num-classes is {args.num_classes}")
 
     # Experiment folder: a new run, or the run being resumed ---------------------------------
     resume_path = None
@@ -136,8 +137,12 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         torch.distributed.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
     logger = create_logger("train_c2i", run_dir, rank)
+    if codes_info.get("warning"):
+        logger.info(f"codes: {codes_info['warning']}")
     if ckpt is not None:
         check_resume_args(ckpt["args"], args, explicit, logger)
+        if ckpt.get("class_to_idx") is not None:
+            check_class_index(ckpt["class_to_idx"], data.class_to_idx, f"the codes under {args.code_path}")
         logger.info(f"resuming from {resume_path} (step {ckpt['steps']})")
     elif args.resume:
         logger.info(f"--resume {run_dir}: no complete checkpoint yet, starting from step 0")
