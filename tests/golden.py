@@ -67,3 +67,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict, what: 
                                    msg=lambda m: f"{what}: {m}")
     else:
         assert torch.equal(actual.long(), expected.long()), f"{what}: integer outputs differ"
+
+
+def assert_official_keys_exact(model: torch.nn.Module, spec: dict, drop: str, extra: str, reshape: str) -> None:
+    """`model` (built on the meta device) has exactly the official keys, shapes and parameter count,
+    and the strict check refuses a perturbed list, naming the missing, unexpected and mis-shaped keys."""
+    from utils.checkpoint import CheckpointError, check_state_dict
+
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == {k: tuple(v) for k, v in spec["keys"].items()}
+    assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
+    fake = {k: torch.empty(v, device="meta") for k, v in spec["keys"].items()}
+    check_state_dict(fake, ours, "official")
+    bad = dict(fake)
+    bad.pop(drop)
+    bad[extra] = torch.empty(1, device="meta")
+    bad[reshape] = torch.empty(3, 3, 1, 1, device="meta")
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(bad, ours, "official")
+    msg = str(e.value)
+    assert drop in msg and extra in msg and reshape in msg

@@ -8,8 +8,8 @@ import torch
 from autoregressive.models.gpt import GPTConfig, Transformer, build_gpt
 from autoregressive.sample.logits import sample_from_logits
 from autoregressive.strategies import get_strategy
-from tests.golden import assert_close, fixture_cases, get_case, official_key_files, official_keys
-from utils.checkpoint import CheckpointError, check_state_dict
+from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case,
+                          official_key_files, official_keys)
 
 RASTER = get_strategy("raster")
 
@@ -93,16 +93,5 @@ def test_official_keys_accepted_exactly(path):
     ours_cfg = GPTConfig.from_official(cfg)
     for k in ("dim", "n_layer", "n_head", "multiple_of", "norm_eps", "rope_base", "class_dropout_prob"):
         assert getattr(model.config, k) == getattr(ours_cfg, k), k
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {k: tuple(v) for k, v in spec["keys"].items()}
-    assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
-    fake = {k: torch.empty(v, device="meta") for k, v in spec["keys"].items()}
-    check_state_dict(fake, ours, "official")
-    bad = dict(fake)
-    bad.pop("norm.weight")
-    bad["layers.99.attention.wqkv.weight"] = torch.empty(1, device="meta")
-    bad["output.weight"] = torch.empty(3, 3, device="meta")
-    with pytest.raises(CheckpointError) as e:
-        check_state_dict(bad, ours, "official")
-    msg = str(e.value)
-    assert "norm.weight" in msg and "layers.99.attention.wqkv.weight" in msg and "output.weight" in msg
+    assert_official_keys_exact(model, spec, drop="norm.weight", extra="layers.99.attention.wqkv.weight",
+                               reshape="output.weight")

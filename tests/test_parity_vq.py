@@ -1,15 +1,15 @@
 """Parity of the LlamaGen VQ tokenizer with the official code, on every `llamagen_vq` fixture."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dataset.transforms import center_crop_arr, ten_crop_tensor, with_flip
-from tests.golden import assert_close, fixture_cases, get_case, official_key_files, official_keys
+from dataset.transforms import ten_crop_tensor, with_flip
+from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case,
+                          official_key_files, official_keys)
 from tokenizer.vq_model import VQConfig, VQModel, VQ_models
-from utils.checkpoint import CheckpointError, check_state_dict, load_state_dict_strict
+from utils.checkpoint import load_state_dict_strict
 
 
 def build_fixture_model(fx: dict) -> VQModel:
@@ -69,17 +69,5 @@ def test_official_keys_accepted_exactly(path):
     name = "VQ-16" if cfg["encoder_ch_mult"] == [1, 1, 2, 2, 4] else "VQ-8"
     with torch.device("meta"):
         model = VQ_models[name](codebook_size=cfg["codebook_size"], codebook_embed_dim=cfg["codebook_embed_dim"])
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {k: tuple(v) for k, v in spec["keys"].items()}
-    assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
-    # The check itself accepts the official list and refuses a perturbed one, naming the keys.
-    fake = {k: torch.empty(v, device="meta") for k, v in spec["keys"].items()}
-    check_state_dict(fake, ours, "official")
-    bad = dict(fake)
-    bad.pop("quantize.embedding.weight")
-    bad["extra.weight"] = torch.empty(1, device="meta")
-    bad["quant_conv.weight"] = torch.empty(4, 4, 1, 1, device="meta")
-    with pytest.raises(CheckpointError) as e:
-        check_state_dict(bad, ours, "official")
-    msg = str(e.value)
-    assert "quantize.embedding.weight" in msg and "extra.weight" in msg and "quant_conv.weight" in msg
+    assert_official_keys_exact(model, spec, drop="quantize.embedding.weight", extra="extra.weight",
+                               reshape="quant_conv.weight")

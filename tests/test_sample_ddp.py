@@ -14,7 +14,7 @@ import torch
 
 from autoregressive.strategies import get_strategy
 from tokenizer.vq_model import VQ_models
-from utils.checkpoint import CheckpointError, save_checkpoint
+from utils.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

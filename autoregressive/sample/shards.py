@@ -10,15 +10,13 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.checkpoint import save_json, save_npz
+from utils.checkpoint import save_npz
 
 
 def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +92,3 @@ def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
     arr = np.concatenate(images)[:total]
     lab = np.concatenate(labels)[:total]
     return save_npz(out_path, arr_0=arr, labels=lab)
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
