@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,7 @@ def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
     arr = np.concatenate(images)[:total]
     lab = np.concatenate(labels)[:total]
     return save_npz(out_path, arr_0=arr, labels=lab)
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
