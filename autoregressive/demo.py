@@ -1,0 +1,464 @@
+"""The embedded demo: the whole pipeline on scikit-learn's digits, on a CPU, in a few minutes.
+
+    bash scripts/demo.sh                      # = python -m autoregressive.demo --out demo_output
+    bash scripts/demo.sh --quick --out /tmp/d # a much shorter smoke run
+
+Stages (each reuses what a previous run under the same `--out` finished, and says so):
+  1. classifier  a small CNN on the digits' train split (class accuracy, demo features)
+  2. tokenizer   VQ-debug trained on the digits (`tokenizer/train_vq.py`)
+  3. recon       real vs reconstructed held-out digits (`reconstruction.png`)
+  4. codes       code extraction (`autoregressive/train/extract_codes_c2i.py`)
+  5. gpt         one small GPT per registered strategy (`autoregressive/train/train_c2i.py`)
+  6. sample      `--per-class` images of each class per strategy (`autoregressive/sample/common.py`)
+  7. evaluate    class accuracy under the classifier and a demo FID, then the table and the plot
+
+The demo FID is a Fréchet distance between the classifier's 128-d penultimate features of the
+samples and of the held-out real digits (`evaluations/c2i/features.py` DomainBackend,
+`evaluations/c2i/statistics.py`). It is NOT the Inception FID of the papers and is not comparable
+with it. Every strategy in the registry (`autoregressive/strategies`) is trained and sampled;
+per-strategy settings go in `STRATEGY_SETTINGS`.
+
+Output folder: `grid_<strategy>.png` (one row per class), `reconstruction.png`, `results.md`,
+`results.csv`, `quality_vs_speed.png`, `timings.json`, and the work folders `classifier/`,
+`tokenizer/`, `codes/`, `gpt/<strategy>/`, `samples/`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoregressive.strategies import strategy_names
+from utils.logger import create_logger, progress
+
+VQ_MODEL, GPT_MODEL = "VQ-debug", "GPT-debug"
+IMAGE_SIZE, DOWNSAMPLE, CODEBOOK_SIZE, NUM_CLASSES = 32, 4, 512, 10
+
+#: Per-strategy demo settings; a strategy not listed uses DEFAULT_STRATEGY_SETTINGS. Keys:
+#: gpt_steps (None: --gpt-steps), lr, cfg_scale, temperature, top_k, top_p, steps (decoding steps,
+#: parallel strategies).
+DEFAULT_STRATEGY_SETTINGS = dict(gpt_steps=None, lr=1e-3, cfg_scale=2.0, temperature=1.0, top_k=0,
+                                 top_p=1.0, steps=None)
+STRATEGY_SETTINGS: dict[str, dict] = {
+    "raster": {},
+}
+QUICK = dict(vq_steps=20, gpt_steps=20, per_class=2, classifier_epochs=1, extract_limit=None)
+
+
+def strategy_settings(name: str, args: argparse.Namespace) -> dict:
+    s = {**DEFAULT_STRATEGY_SETTINGS, **STRATEGY_SETTINGS.get(name, {})}
+    if s["gpt_steps"] is None or args.quick or args.gpt_steps_given:
+        s["gpt_steps"] = args.gpt_steps
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class Stages:
+    """Times each stage and logs whether it ran or was reused."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.seconds, self.reused = logger, {}, {}
+
+    def run(self, name: str, fn, *a, **kw):
+        self.logger.info(f"=== stage {name} ===")
+        t0 = time.perf_counter()
+        out, reused = fn(*a, **kw)
+        self.seconds[name] = time.perf_counter() - t0
+        self.reused[name] = reused
+        self.logger.info(f"=== stage {name}: {'reused' if reused else 'done'} in {self.seconds[name]:.1f} s ===")
+        return out
+
+
+def final_checkpoint(results_dir: Path, run_suffix: str, steps: int) -> tuple[Path | None, Path | None]:
+    """(the `<steps>.pt` of a finished run, the newest unfinished run to resume) under `results_dir`."""
+    runs = sorted(p for p in results_dir.glob(f"[0-9][0-9][0-9]-{run_suffix}") if p.is_dir())
+    for run in reversed(runs):
+        ckpt = run / "checkpoints" / f"{steps:07d}.pt"
+        if ckpt.is_file():
+            return ckpt, None
+    for run in reversed(runs):
+        ckpts = sorted((run / "checkpoints").glob("[0-9]" * 7 + ".pt"))
+        if ckpts and int(ckpts[-1].stem) < steps:
+            return None, run
+    return None, None
+
+
+def to_float(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class _ClassifierFeatures(torch.nn.Module):
+    """The digits classifier as a DomainBackend module: images -> (features, logits)."""
+
+    def __init__(self, clf):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x):
+        f = self.clf.features(x)
+        return f, self.clf.head(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_classifier(out: Path, args, logger):
+    from evaluations.digits_classifier import accuracy, load_or_train, train_classifier
+    from dataset.digits import as_tensor_batch
+    from utils.checkpoint import save_checkpoint
+
+    path = out / "classifier" / "digits_classifier.pt"
+    reused = path.is_file()
+    if reused:
+        logger.info(f"reusing the digits classifier {path}")
+        clf = load_or_train(path)
+    elif args.classifier_epochs != 15:
+        clf, acc = train_classifier(epochs=args.classifier_epochs, log=logger.info)
+        save_checkpoint({"model": clf.state_dict(), "heldout_accuracy": acc}, path)
+    else:
+        clf = load_or_train(path, log=logger.info)
+    xv, yv = as_tensor_batch("heldout", IMAGE_SIZE)
+    acc = accuracy(clf, xv, yv)
+    logger.info(f"digits classifier: {acc:.1%} on the held-out real digits")
+    return (clf, acc), reused
+
+
+def stage_tokenizer(out: Path, args, logger):
+    from tokenizer import train_vq
+
+    results = out / "tokenizer"
+    ckpt, partial = final_checkpoint(results, VQ_MODEL, args.vq_steps)
+    if ckpt is not None:
+        logger.info(f"reusing the tokenizer {ckpt}")
+        return ckpt, True
+    argv = ["--dataset", "digits", "--vq-model", VQ_MODEL, "--image-size", str(IMAGE_SIZE),
+            "--codebook-size", str(CODEBOOK_SIZE), "--perceptual-weight", "0",
+            # the discriminator destabilises training on the digits: it never starts here
+            "--disc-start", str(10 * args.vq_steps + 1000), "--max-steps", str(args.vq_steps),
+            "--global-batch-size", str(args.vq_batch_size), "--lr", str(args.vq_lr), "--num-workers", "0",
+            "--mixed-precision", "none", "--results-dir", str(results), "--log-every", "100",
+            "--ckpt-every", str(max(args.vq_steps // 2, 1)), "--device", args.device]
+    if partial is not None:
+        logger.info(f"resuming the unfinished tokenizer run {partial}")
+        argv += ["--resume", str(partial)]
+    parser = train_vq.get_parser()
+    train_vq.main(parser.parse_args(argv), {k: parser.get_default(k) for k in vars(parser.parse_args([]))})
+    ckpt, _ = final_checkpoint(results, VQ_MODEL, args.vq_steps)
+    if ckpt is None:
+        raise RuntimeError(f"the tokenizer run under {results} did not write {args.vq_steps:07d}.pt")
+    return ckpt, False
+
+
+def stage_reconstruction(out: Path, vq_ckpt: Path, clf, device, logger):
+    from autoregressive.sample.sample_c2i import make_grid
+    from autoregressive.sample.shards import to_uint8
+    from dataset.digits import as_tensor_batch
+    from evaluations.digits_classifier import accuracy
+    from tokenizer.loading import load_vq
+
+    path = out / "reconstruction.png"
+    info_path = out / "reconstruction.json"
+    if path.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("vq_ckpt") == str(vq_ckpt):
+        logger.info(f"reusing {path}")
+        return json.loads(info_path.read_text()), True
+    vq = load_vq(str(vq_ckpt), VQ_MODEL, CODEBOOK_SIZE, 8).to(device).eval()
+    x, y = as_tensor_batch("heldout", IMAGE_SIZE)
+    with torch.no_grad():
+        rec = torch.cat([vq(x[i: i + 128].to(device))[0].float().cpu() for i in range(0, len(x), 128)])
+    rec = rec.clamp(-1, 1)
+    info = {"vq_ckpt": str(vq_ckpt), "mse": float((rec - x).pow(2).mean()),
+            "classifier_accuracy_on_reconstructions": accuracy(clf, rec, y)}
+    # Rows: real, reconstructed, real, reconstructed; each row one digit of every class.
+    pick = [int(np.flatnonzero(y.numpy() == c)[k]) for k in range(2) for c in range(NUM_CLASSES)]
+    rows = []
+    for k in range(2):
+        idx = pick[k * NUM_CLASSES: (k + 1) * NUM_CLASSES]
+        rows += [x[idx], rec[idx]]
+    make_grid(to_uint8(torch.cat(rows)), nrow=NUM_CLASSES).resize(
+        ((NUM_CLASSES * (IMAGE_SIZE + 2) + 2) * 2, (4 * (IMAGE_SIZE + 2) + 2) * 2), 0).save(path)
+    info_path.write_text(json.dumps(info, indent=2))
+    logger.info(f"tokenizer reconstruction: MSE {info['mse']:.4f} on [-1,1], classifier accuracy on "
+                f"reconstructions {info['classifier_accuracy_on_reconstructions']:.1%}; grid {path} "
+                f"(rows: real, reconstructed, real, reconstructed)")
+    return info, False
+
+
+def stage_codes(out: Path, vq_ckpt: Path, args, logger):
+    from autoregressive.train import extract_codes_c2i
+    from dataset.codes import MANIFEST_FILE, code_dirs
+
+    code_path = out / "codes" / f"{vq_ckpt.parent.parent.name}-{vq_ckpt.stem}"
+    codes_dir = code_dirs(code_path, "digits", IMAGE_SIZE)[0]
+    if (codes_dir / MANIFEST_FILE).is_file():
+        logger.info(f"reusing the codes under {code_path}")
+        return code_path, True
+    argv = ["--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--vq-model", VQ_MODEL,
+            "--codebook-size", str(CODEBOOK_SIZE), "--vq-ckpt", str(vq_ckpt), "--code-path", str(code_path),
+            "--num-workers", "0", "--device", args.device]
+    extract_codes_c2i.main(extract_codes_c2i.build_parser().parse_args(argv))
+    return code_path, False
+
+
+def stage_gpt(out: Path, name: str, settings: dict, code_path: Path, args, logger):
+    from autoregressive.train import train_c2i
+
+    results = out / "gpt" / name / code_path.name
+    steps = settings["gpt_steps"]
+    ckpt, partial = final_checkpoint(results, f"{args.gpt_model}-{name}", steps)
+    if ckpt is not None:
+        logger.info(f"reusing the {name} GPT {ckpt}")
+        return ckpt, True
+    argv = ["--strategy", name, "--gpt-model", args.gpt_model, "--code-path", str(code_path),
+            "--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--downsample-size", str(DOWNSAMPLE),
+            "--vocab-size", str(CODEBOOK_SIZE), "--num-classes", str(NUM_CLASSES), "--max-steps", str(steps),
+            "--epochs", "100000", "--global-batch-size", str(args.gpt_batch_size), "--lr", str(settings["lr"]),
+            "--mixed-precision", "none", "--num-workers", "0", "--no-compile", "--results-dir", str(results),
+            "--log-every", "50", "--ckpt-every", str(max(steps // 2, 1)), "--device", args.device]
+    if partial is not None:
+        logger.info(f"resuming the unfinished {name} GPT run {partial}")
+        argv += ["--resume", str(partial)]
+    parser = train_c2i.build_parser()
+    train_c2i.main(parser.parse_args(argv), explicit=train_c2i.explicit_flags(parser, argv))
+    ckpt, _ = final_checkpoint(results, f"{args.gpt_model}-{name}", steps)
+    if ckpt is None:
+        raise RuntimeError(f"the {name} GPT run under {results} did not write {steps:07d}.pt")
+    return ckpt, False
+
+
+def stage_sample(out: Path, name: str, settings: dict, gpt_ckpt: Path, vq_ckpt: Path, args, logger):
+    from autoregressive.sample.common import add_sampling_args, load_sampler
+    from autoregressive.sample.shards import image_seeds, to_uint8
+    from utils.checkpoint import save_npz
+
+    path = out / "samples" / f"{name}.npz"
+    meta_path = path.with_suffix(".json")
+    argv = ["--strategy", name, "--gpt-model", args.gpt_model, "--gpt-ckpt", str(gpt_ckpt),
+            "--vq-model", VQ_MODEL, "--vq-ckpt", str(vq_ckpt), "--codebook-size", str(CODEBOOK_SIZE),
+            "--image-size", str(IMAGE_SIZE), "--image-size-eval", str(IMAGE_SIZE),
+            "--downsample-size", str(DOWNSAMPLE), "--num-classes", str(NUM_CLASSES),
+            "--cfg-scale", str(settings["cfg_scale"]), "--temperature", str(settings["temperature"]),
+            "--top-k", str(settings["top_k"]), "--top-p", str(settings["top_p"]),
+            "--global-seed", str(args.seed), "--device", args.device]
+    if settings["steps"] is not None:
+        argv += ["--steps", str(settings["steps"])]
+    wanted = {"argv": argv, "per_class": args.per_class}
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == wanted:
+        logger.info(f"reusing the {name} samples {path}")
+        return json.loads(meta_path.read_text()), True
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    sargs = p.parse_args(argv)
+    sampler = load_sampler(sargs, torch.device(args.device))
+    n = NUM_CLASSES * args.per_class
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)  # class-major: one grid row per class
+    seeds = image_seeds(args.seed, torch.arange(n))
+    sampler.images(labels[:2], seeds[:2])  # warm-up, not timed
+    chunks, t0 = [], time.perf_counter()
+    for i in progress(range(0, n, args.sample_batch_size), desc=f"sample {name}", unit="batch"):
+        sl = slice(i, i + args.sample_batch_size)
+        chunks.append(to_uint8(sampler.images(labels[sl], seeds[sl]), IMAGE_SIZE))
+    seconds = time.perf_counter() - t0
+    images = np.concatenate(chunks)
+    save_npz(path, arr_0=images, labels=labels.numpy())
+    meta = {"settings": wanted, "seconds": seconds, "images_per_s": n / seconds, "num_images": n,
+            "decoding_steps": settings["steps"] or sampler.grid ** 2}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    logger.info(f"{name}: {n} images in {seconds:.1f} s ({n / seconds:.1f} images/s)")
+    return meta, False
+
+
+def evaluate(images: np.ndarray, labels: np.ndarray, clf, ref_stats, device) -> dict:
+    """Class accuracy under the classifier and the demo FID (classifier features) of uint8 images."""
+    from evaluations.c2i.features import DomainBackend
+    from evaluations.c2i.statistics import compute_statistics
+    from evaluations.digits_classifier import predict
+
+    pred = predict(clf, to_float(images)).numpy()
+    backend = DomainBackend(_ClassifierFeatures(clf), "digits_classifier", device=device)
+    feats, _, _ = backend(images)
+    return {"class_accuracy": float((pred == labels).mean()),
+            "demo_fid": compute_statistics(feats).frechet_distance(ref_stats)}
+
+
+def reference_stats(clf, device):
+    from dataset.digits import DigitsDataset
+    from evaluations.c2i.features import DomainBackend
+    from evaluations.c2i.statistics import compute_statistics
+
+    backend = DomainBackend(_ClassifierFeatures(clf), "digits_classifier", device=device)
+    held = DigitsDataset("heldout", IMAGE_SIZE).uint8_array()
+    train = DigitsDataset("train", IMAGE_SIZE)
+    ref = compute_statistics(backend(held)[0])
+    # What real digits score: a random train-split subset of the sample count (the FID floor).
+    return ref, backend, train
+
+
+def write_grid(path: Path, images: np.ndarray, per_class: int, grid_per_class: int):
+    from autoregressive.sample.sample_c2i import make_grid
+
+    k = min(per_class, grid_per_class)
+    pick = np.concatenate([np.arange(c * per_class, c * per_class + k) for c in range(NUM_CLASSES)])
+    g = make_grid(images[pick], nrow=k)
+    g.resize((g.width * 2, g.height * 2), 0).save(path)
+
+
+def write_table(out: Path, rows: list[dict], real_row: dict, recon: dict, clf_acc: float) -> None:
+    cols = ["strategy", "gpt_model", "train_steps", "decoding_steps", "images_per_s", "class_accuracy",
+            "demo_fid", "num_images", "cfg_scale", "temperature", "top_k"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in cols})
+    lines = ["# Embedded demo results (digits, 32x32, CPU)", "",
+             "| strategy | GPT | train steps | decoding steps | images/s | class accuracy | demo FID* |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['gpt_model']} | {r['train_steps']} | {r['decoding_steps']} | "
+                     f"{r['images_per_s']:.1f} | {r['class_accuracy']:.1%} | {r['demo_fid']:.2f} |")
+    lines += ["", f"Samples: {rows[0]['num_images'] if rows else 0} per strategy (class-balanced). "
+              f"For reference, {real_row['num_images']} real train-split digits score class accuracy "
+              f"{real_row['class_accuracy']:.1%} and demo FID {real_row['demo_fid']:.2f}; the tokenizer's "
+              f"reconstructions of the held-out digits keep {recon['classifier_accuracy_on_reconstructions']:.1%} "
+              f"class accuracy (reconstruction MSE {recon['mse']:.4f}).", "",
+              f"\\* **Demo FID, not Inception FID**: the Fréchet distance between the 128-d penultimate features "
+              f"of a small CNN trained on the digits' train split (held-out accuracy {clf_acc:.1%}) for the "
+              f"samples and for the 359 held-out real digits, computed with the evaluator's statistics code "
+              f"(`evaluations/c2i/statistics.py`). Not comparable with any published FID.", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def write_plot(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in [(axes[0], "class_accuracy", "class accuracy (higher is better)"),
+                           (axes[1], "demo_fid", "demo FID, classifier features (lower is better)")]:
+        for r in rows:
+            ax.scatter(r["images_per_s"], r[key], s=40)
+            ax.annotate(r["strategy"], (r["images_per_s"], r[key]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("images/s (CPU, batch of samples)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1.05)
+    fig.suptitle("Embedded demo: quality against speed per strategy (digits)")
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_speed.png", dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> Path:
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    logger = create_logger("demo", out, 0)
+    names = strategy_names()
+    logger.info(f"embedded demo -> {out} ({'quick' if args.quick else 'full'}; strategies: {', '.join(names)}; "
+                f"device {args.device}; {torch.get_num_threads()} threads)")
+    device = torch.device(args.device)
+    st = Stages(logger)
+
+    clf, clf_acc = st.run("classifier", stage_classifier, out, args, logger)
+    vq_ckpt = st.run("tokenizer", stage_tokenizer, out, args, logger)
+    recon = st.run("reconstruction", stage_reconstruction, out, vq_ckpt, clf, device, logger)
+    code_path = st.run("codes", stage_codes, out, vq_ckpt, args, logger)
+
+    ref, backend, train = reference_stats(clf, device)
+    rows = []
+    for name in names:
+        settings = strategy_settings(name, args)
+        gpt_ckpt = st.run(f"gpt:{name}", stage_gpt, out, name, settings, code_path, args, logger)
+        meta = st.run(f"sample:{name}", stage_sample, out, name, settings, gpt_ckpt, vq_ckpt, args, logger)
+        data = np.load(out / "samples" / f"{name}.npz")
+        images, labels = data["arr_0"], data["labels"]
+        write_grid(out / f"grid_{name}.png", images, args.per_class, args.grid_per_class)
+        scores = evaluate(images, labels, clf, ref, device)
+        rows.append({"strategy": name, "gpt_model": args.gpt_model, "train_steps": settings["gpt_steps"],
+                     "decoding_steps": meta["decoding_steps"], "images_per_s": meta["images_per_s"],
+                     "num_images": len(images), "cfg_scale": settings["cfg_scale"],
+                     "temperature": settings["temperature"], "top_k": settings["top_k"], **scores})
+        logger.info(f"{name}: class accuracy {scores['class_accuracy']:.1%}, demo FID {scores['demo_fid']:.2f}, "
+                    f"{meta['images_per_s']:.1f} images/s; grid {out / f'grid_{name}.png'}")
+
+    # Real digits as a reference point: as many train-split images as samples per strategy.
+    n_real = min(NUM_CLASSES * args.per_class, len(train))
+    idx = np.random.RandomState(0).permutation(len(train))[:n_real]
+    real = np.stack([np.asarray(train[int(i)][0]) for i in idx])
+    real_row = {"num_images": n_real, **evaluate(real, train.labels[idx], clf, ref, device)}
+    write_table(out, rows, real_row, recon, clf_acc)
+    write_plot(out, rows)
+    total = time.perf_counter() - t_start
+    (out / "timings.json").write_text(json.dumps({"seconds": st.seconds, "reused": st.reused, "total": total}, indent=2))
+    logger.info("stage timings: " + ", ".join(f"{k} {v:.1f}s{' (reused)' if st.reused[k] else ''}"
+                                             for k, v in st.seconds.items()) + f"; total {total:.1f} s")
+    logger.info(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'quality_vs_speed.png'}; "
+                f"grids: {', '.join(str(out / f'grid_{n}.png') for n in names)}; {out / 'reconstruction.png'}")
+    print((out / "results.md").read_text())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=str, default="demo_output", help="output folder (reruns reuse its finished stages)")
+    p.add_argument("--device", type=str, default="cpu", choices=["cpu", "cuda"], help="device for every stage")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; the samples are noise)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--vq-steps", type=int, default=500, help="tokenizer training steps")
+    p.add_argument("--vq-batch-size", type=int, default=32, help="tokenizer batch size")
+    p.add_argument("--vq-lr", type=float, default=1e-3, help="tokenizer learning rate")
+    p.add_argument("--gpt-model", type=str, default=GPT_MODEL, help="GPT size (autoregressive/models/gpt.py GPT_SIZES)")
+    p.add_argument("--gpt-steps", type=int, default=1500,
+                   help="GPT training steps per strategy (unless STRATEGY_SETTINGS sets one)")
+    p.add_argument("--gpt-batch-size", type=int, default=64, help="GPT batch size")
+    p.add_argument("--per-class", type=int, default=20, help="samples per class for the table")
+    p.add_argument("--grid-per-class", type=int, default=10, help="samples per class shown in each grid row")
+    p.add_argument("--sample-batch-size", type=int, default=100, help="images generated at once")
+    p.add_argument("--classifier-epochs", type=int, default=15, help="digits classifier epochs")
+    p.add_argument("--seed", type=int, default=0, help="global seed of the sampling")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.gpt_steps_given = any(a.startswith("--gpt-steps") for a in argv)
+    if args.quick:  # the quick values replace the defaults, never flags given explicitly
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for k, v in QUICK.items():
+            if k not in given and v is not None:
+                setattr(args, k, v)
+    if args.threads is None:
+        args.threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
