@@ -430,11 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default="cpu", choices=["cpu", "cuda"], help="device for every stage")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; the samples are noise)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--vq-steps", type=int, default=500, help="tokenizer training steps")
+    p.add_argument("--vq-steps", type=int, default=400, help="tokenizer training steps")
     p.add_argument("--vq-batch-size", type=int, default=32, help="tokenizer batch size")
     p.add_argument("--vq-lr", type=float, default=1e-3, help="tokenizer learning rate")
     p.add_argument("--gpt-model", type=str, default=GPT_MODEL, help="GPT size (autoregressive/models/gpt.py GPT_SIZES)")
-    p.add_argument("--gpt-steps", type=int, default=1500,
+    p.add_argument("--gpt-steps", type=int, default=800,
                    help="GPT training steps per strategy (unless STRATEGY_SETTINGS sets one)")
     p.add_argument("--gpt-batch-size", type=int, default=64, help="GPT batch size")
     p.add_argument("--per-class", type=int, default=20, help="samples per class for the table")
