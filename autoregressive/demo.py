@@ -38,6 +38,7 @@ import torch
 
 from autoregressive.strategies import strategy_names
 from utils.logger import create_logger, progress
+from utils.training import last_checkpoint
 
 VQ_MODEL, GPT_MODEL = "VQ-debug", "GPT-debug"
 IMAGE_SIZE, DOWNSAMPLE, CODEBOOK_SIZE, NUM_CLASSES = 32, 4, 512, 10
@@ -89,8 +90,8 @@ def final_checkpoint(results_dir: Path, run_suffix: str, steps: int) -> tuple[Pa
         if ckpt.is_file():
             return ckpt, None
     for run in reversed(runs):
-        ckpts = sorted((run / "checkpoints").glob("[0-9]" * 7 + ".pt"))
-        if ckpts and int(ckpts[-1].stem) < steps:
+        last = last_checkpoint(run)
+        if last is not None and int(last.stem) < steps:
             return None, run
     return None, None
 

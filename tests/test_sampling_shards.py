@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.shards import (finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
+from autoregressive.sample.shards import (SettingsMismatch, claim_shard_folder, finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
                                           write_shard)
 
 
@@ -62,3 +62,10 @@ def test_shards_resume_and_pack(tmp_path):
     with np.load(out) as f:
         assert f["arr_0"].shape == (5, 2, 2, 3) and np.array_equal(f["arr_0"], imgs[:5])
         assert f["labels"].tolist() == labels[:5].tolist()
+
+
+def test_shard_folder_refuses_other_settings_and_names_them(tmp_path):
+    claim_shard_folder(tmp_path / "s", {"cfg": 2.0, "seed": 0, "n": 10})
+    claim_shard_folder(tmp_path / "s", {"cfg": 2.0, "seed": 0, "n": 20}, may_change=("n",))
+    with pytest.raises(SettingsMismatch, match=r"\(cfg, seed\)"):
+        claim_shard_folder(tmp_path / "s", {"cfg": 1.5, "seed": 1, "n": 20})

@@ -22,7 +22,6 @@ keeps them and does only the rest. Rank 0 then packs both `.npz` files atomicall
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -35,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from autoregressive.sample.shards import finished_shards, settings_hash, shard_path, to_uint8
+from autoregressive.sample.shards import (SettingsMismatch, claim_shard_folder, finished_shards, shard_path,
+                                          to_uint8)
 from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
 from tokenizer.loading import load_vq
 from tokenizer.metrics import OFFICIAL_SSIM_DATA_RANGE, psnr, ssim
 from tokenizer.vq_model import VQ_models
-from utils.checkpoint import save_json, save_npz
+from utils.checkpoint import save_npz
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
 
@@ -146,14 +146,10 @@ def main(args):
                 "ema": not args.no_ema}
     if rank == 0:
         shard_dir.mkdir(parents=True, exist_ok=True)
-        settings_file = out_dir / "settings.json"
-        if settings_file.is_file():
-            old = json.loads(settings_file.read_text())
-            if settings_hash(old) != settings_hash(settings):
-                raise SystemExit(f"error: {out_dir} holds shards made with other settings {old}; "
-                                 f"use another --sample-dir or delete it")
-        else:
-            save_json(settings_file, settings)
+        try:
+            claim_shard_folder(out_dir, settings)
+        except SettingsMismatch as e:
+            raise SystemExit(f"error: {e}") from None
     barrier()
 
     # Data: centre crops; batches of --per-proc-batch-size, batch c on rank c % world.

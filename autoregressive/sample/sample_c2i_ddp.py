@@ -16,6 +16,7 @@ them. Rank 0 packs `<sample-dir>/<name>.npz` (`arr_0` uint8 NHWC, `labels`) and 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ if __package__ in (None, ""):
 import torch
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
-from autoregressive.sample.shards import (finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
+from autoregressive.sample.shards import (claim_shard_folder, finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
                                           write_shard)
 from utils.checkpoint import file_sha256, save_json
 from utils.distributed import barrier, cleanup, init_distributed
@@ -69,20 +70,11 @@ def main(args: argparse.Namespace) -> Path:
     settings["vq_ckpt_sha256"] = file_sha256(args.vq_ckpt) if rank == 0 else None
     settings_file = folder / "settings.json"
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        if settings_file.is_file():
-            import json
-
-            old = json.loads(settings_file.read_text())
-            differ = sorted(k for k in set(old) | set(settings)
-                            if k not in ("num_fid_samples", "per_proc_batch_size") and old.get(k) != settings.get(k))
-            if differ:
-                raise RuntimeError(f"{folder} holds samples made with other settings ({', '.join(differ)}); "
-                                   f"use another --sample-dir or remove it")
-            if old.get("per_proc_batch_size") != settings["per_proc_batch_size"] and finished_shards(folder):
-                raise RuntimeError(f"{folder} holds shards of --per-proc-batch-size {old['per_proc_batch_size']}; "
-                                   f"rerun with that batch size to resume")
-        save_json(settings_file, settings)
+        old_bs = json.loads(settings_file.read_text())["per_proc_batch_size"] if settings_file.is_file() else None
+        if old_bs not in (None, args.per_proc_batch_size) and finished_shards(folder):
+            raise RuntimeError(f"{folder} holds shards of --per-proc-batch-size {old_bs}; "
+                               f"rerun with that batch size to resume")
+        claim_shard_folder(folder, settings, may_change=("num_fid_samples", "per_proc_batch_size"))
     barrier()
 
     # Models -----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.checkpoint import save_npz
+from utils.checkpoint import save_json, save_npz
 
 
 def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,5 +95,23 @@ def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
     return save_npz(out_path, arr_0=arr, labels=lab)
 
 
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+class SettingsMismatch(RuntimeError):
+    """A shard folder already holds shards made with other settings."""
+
+
+def claim_shard_folder(folder: Path, settings: dict, may_change: tuple[str, ...] = ()) -> None:
+    """Record `settings` in `folder/settings.json`, refusing a folder made with other settings.
+
+    Shards of two settings must never be packed together, so a rerun may only resume a folder whose
+    recorded settings agree on every key except `may_change`; the error names the keys that differ.
+    """
+    settings_file = folder / "settings.json"
+    if settings_file.is_file():
+        old = json.loads(settings_file.read_text())
+        differ = sorted(k for k in set(old) | set(settings)
+                        if k not in may_change and old.get(k) != settings.get(k))
+        if differ:
+            raise SettingsMismatch(f"{folder} holds shards made with other settings ({', '.join(differ)}); "
+                                   f"use another --sample-dir or remove it")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json(settings_file, settings)
