@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from autoregressive.models.gpt import GPT_SIZES
 from autoregressive.sample.row_rng import RowRNG
-from autoregressive.strategies import Strategy, get_strategy, strategy_names
+from autoregressive.strategies import (Strategy, add_strategy_arguments, get_strategy, model_size_names,
+                                      strategy_names)
 from tokenizer.loading import load_vq
 from tokenizer.vq_model import VQ_models, VQModel
 
@@ -23,7 +23,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The official sampling flags (`specs/llamagen.md` 7.2) plus `--strategy`."""
     g = p.add_argument_group("model")
     g.add_argument("--strategy", type=str, default="raster", choices=strategy_names(), help="decoding strategy")
-    g.add_argument("--gpt-model", type=str, default=None, choices=list(GPT_SIZES),
+    g.add_argument("--gpt-model", type=str, default=None, choices=model_size_names(),
                    help="model size (required for official release files, which do not record it)")
     g.add_argument("--gpt-ckpt", type=str, required=True, help="GPT checkpoint (official release or ours)")
     g.add_argument("--gpt-type", type=str, default="c2i", choices=["c2i"], help="class-conditional only")
@@ -47,9 +47,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
     s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
-    s.add_argument("--steps", type=int, default=None, help="decoding steps (parallel strategies)")
+    s.add_argument("--steps", "--step", dest="steps", type=int, default=None,
+                   help="decoding steps (parallel strategies; ARPG's official flag is --step)")
     s.add_argument("--global-seed", type=int, default=0, help="seed; each image's seed derives from it and its index")
     s.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    add_strategy_arguments(p)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Sampler:
         tokens = self.strategy.generate(self.gpt, labels.to(device), cfg_scale=a.cfg_scale,
                                         cfg_interval=a.cfg_interval, temperature=a.temperature,
                                         top_k=a.top_k, top_p=a.top_p, steps=a.steps, generator=rng)
-        return self.vq.decode_indices(tokens, grid=(self.grid, self.grid)).float()
+        return self.strategy.decode_tokens(self.vq, tokens, self.grid).float()
 
 
 def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
@@ -86,10 +88,12 @@ def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
         raise ValueError(f"the tokenizer {args.vq_model} downsamples by {vq.downsample}, "
                          f"but --downsample-size is {args.downsample_size}")
     strategy = get_strategy(args.strategy)
+    strategy.configure(args)
     grid = args.image_size // args.downsample_size
     gpt = strategy.load_model(args.gpt_ckpt, args.gpt_model, prefer_ema=args.ema,
                               vocab_size=vq.config.codebook_size, block_size=grid * grid,
-                              num_classes=args.num_classes, cls_token_num=args.cls_token_num)
+                              num_classes=args.num_classes, cls_token_num=args.cls_token_num,
+                              **strategy.model_config(args))
     dtype = PRECISIONS[args.precision] if device.type == "cuda" else torch.float32
     gpt = gpt.to(device=device, dtype=dtype).eval()
     return Sampler(strategy, gpt, vq.eval(), args)

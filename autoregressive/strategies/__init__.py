@@ -5,6 +5,8 @@ argparse `choices=` and `get_strategy(args.strategy)` to obtain it.
 """
 from __future__ import annotations
 
+import argparse
+
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
 
@@ -17,6 +19,20 @@ def strategy_names() -> list[str]:
     return list(STRATEGIES)
 
 
+def model_size_names() -> list[str]:
+    """Every `--gpt-model` any registered strategy builds (each strategy checks its own)."""
+    names: dict[str, None] = {}
+    for cls in STRATEGIES.values():
+        names.update(dict.fromkeys(cls.model_sizes))
+    return list(names)
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every registered strategy's own flags, one argument group per strategy."""
+    for name, cls in STRATEGIES.items():
+        cls.add_arguments(parser.add_argument_group(f"--strategy {name}"))
+
+
 def get_strategy(name: str) -> Strategy:
     """The strategy registered under `name`; an unknown name raises a ValueError listing the known ones."""
     if name not in STRATEGIES:
@@ -24,4 +40,5 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]()
 
 
-__all__ = ["STRATEGIES", "Strategy", "TrainingBatch", "get_strategy", "strategy_names"]
+__all__ = ["STRATEGIES", "Strategy", "TrainingBatch", "add_strategy_arguments", "get_strategy",
+           "model_size_names", "strategy_names"]

@@ -8,6 +8,7 @@ layout decisions, `torch.distributed` or logging set-up; randomness comes from a
 """
 from __future__ import annotations
 
+import argparse
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -34,6 +35,32 @@ class Strategy(ABC):
     name: str = ""
     #: size name -> constructor, the `--gpt-model` choices of this strategy.
     model_sizes: dict[str, Any] = {}
+    #: this strategy's flags (argparse dests) that fix the model's shape: saved with every
+    #: training checkpoint, taken from it on resume, and an error when contradicted.
+    arch_flags: tuple[str, ...] = ()
+
+    # -- flags ------------------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add this strategy's own flags (with the official names) to a driver's parser.
+
+        Called for every registered strategy by the training and sampling drivers, so a flag name
+        belongs to one strategy only; flags common to several strategies live in the drivers.
+        """
+
+    def configure(self, args: argparse.Namespace) -> None:
+        """Read and validate this strategy's flags (raise ValueError with the reason when wrong)."""
+
+    def model_config(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Constructor arguments of the model that come from this strategy's flags."""
+        return {}
+
+    # -- tokenizer --------------------------------------------------------------------------------
+
+    def decode_tokens(self, vq: nn.Module, tokens: torch.Tensor, grid: int) -> torch.Tensor:
+        """Token ids from `generate` -> images (B, 3, H, W) in about [-1, 1]."""
+        return vq.decode_indices(tokens, grid=(grid, grid))
 
     @abstractmethod
     def build_model(self, gpt_model: str, **config: Any) -> nn.Module:

@@ -26,8 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from autoregressive.models.gpt import GPT_SIZES
-from autoregressive.strategies import get_strategy, strategy_names
+from autoregressive.strategies import add_strategy_arguments, get_strategy, model_size_names, strategy_names
 from dataset.codes import CodeDataset, check_codes_compatible
 from dataset.image_folder import check_class_index
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -76,11 +75,17 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return set(vars(probe.parse_known_args(argv)[0]))
 
 
+def arch_flags(strategy_name: str) -> tuple[str, ...]:
+    """The flags that fix the model's shape: the shared ones and the strategy's own."""
+    return ARCH_FLAGS + tuple(get_strategy(strategy_name).arch_flags)
+
+
 def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] | None, logger) -> None:
     """Architecture flags come from the checkpoint; one given on the command line that contradicts
     it is an error (`explicit` None: every flag that differs from its default counts as given)."""
     defaults = vars(build_parser().parse_args(["--code-path", "x"]))
-    for k in ARCH_FLAGS:
+    flags = arch_flags(saved.get("strategy", args.strategy))
+    for k in flags:
         given = getattr(args, k)
         if k in saved and given != saved[k]:
             if (k in explicit) if explicit is not None else given != defaults.get(k):
@@ -88,7 +93,7 @@ def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] 
                                       f"resumed, which was trained with {saved[k]!r}")
             setattr(args, k, saved[k])
     logger.info("architecture flags taken from the checkpoint: "
-                + ", ".join(f"{k}={getattr(args, k)}" for k in ARCH_FLAGS))
+                + ", ".join(f"{k}={getattr(args, k)}" for k in flags))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +155,8 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
 
     # Model, EMA, optimizer ------------------------------------------------------------------
     strategy = get_strategy(args.strategy)
-    model = strategy.build_model(args.gpt_model, **model_kwargs(args)).to(device)
+    strategy.configure(args)
+    model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
     ema = make_ema(model) if args.ema else None
     optimizer = make_adamw(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
     scaler = make_grad_scaler(device, args.mixed_precision)
@@ -285,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Strategy and model
     p.add_argument("--strategy", type=str, default="raster", choices=strategy_names(),
                    help="decoding strategy (what the model learns to predict)")
-    p.add_argument("--gpt-model", type=str, default="GPT-B", choices=list(GPT_SIZES), help="model size")
+    p.add_argument("--gpt-model", type=str, default="GPT-B", choices=model_size_names(),
+                   help="model size (each strategy has its own sizes)")
     p.add_argument("--gpt-ckpt", type=str, default=None, help="resume from this training checkpoint file")
     p.add_argument("--gpt-type", type=str, default="c2i", choices=["c2i"], help="class-conditional only")
     p.add_argument("--vocab-size", type=int, default=16384, help="codebook size of the tokenizer")
@@ -327,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=100, help="log every N steps")
     p.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N steps")
     p.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    add_strategy_arguments(p)
     return p
 
 
