@@ -1,9 +1,10 @@
 """`raster`: LlamaGen next-token prediction in raster order, one KV-cached step per token.
 
 Schedule: order = identity, group sizes 1 x N. Training shifts the codes by one (the class token
-predicts z_0, z_{t-1} predicts z_t). Sampling follows `specs/llamagen.md` section 7.1: prefill
-the class token (both CFG halves in one batch `[labels ; null]`), then N - 1 decode steps, each
-feeding the last token to both halves; CFG before temperature / top-k / top-p.
+predicts z_0, z_{t-1} predicts z_t). Sampling follows `specs/llamagen.md` section 7.1 through the
+shared group loop (`autoregressive/sample/group_decode.py`): prefill the class token (both CFG
+halves in one batch `[labels ; null]`), then N - 1 decode steps, each feeding the last token to
+both halves; CFG before temperature / top-k / top-p.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from autoregressive.models.gpt import GPT_SIZES, Transformer, build_gpt
 from autoregressive.models.official import (
     check_args_agree, gpt_kwargs_from_args, load_weights_strict, read_gpt_checkpoint,
 )
-from autoregressive.sample.logits import (
-    Generator, cfg_guided, cfg_labels, check_cfg_scale, combine_cfg, sample_from_logits,
-)
+from autoregressive.sample.group_decode import decode_in_groups
+from autoregressive.sample.logits import Generator, cfg_guided, cfg_labels, check_cfg_scale
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from utils.checkpoint import CheckpointError
 
@@ -98,20 +98,21 @@ class RasterStrategy(Strategy):
             raise ValueError(f"raster decoding takes one step per token: steps must be {n}, got {steps}")
         device = model.tok_embeddings.weight.device
         labels = labels.to(device)
-        b = labels.shape[0]
         cond = cfg_labels(labels, model.num_classes, cfg_scale)  # (B' = 2B with CFG, else B)
-        reps = cond.shape[0] // b
         # Slots: class token at 0, z_t at 1 + t for t < N - 1 (the last token is never fed).
         cache = model.new_cache(cond.shape[0], max_len=model.cls_token_num + n - 1)
-        slots = torch.arange(model.cls_token_num, model.cls_token_num + n - 1, device=device)
-        tokens = torch.empty(b, n, dtype=torch.long, device=device)
-        logits = model.prefill(cond, cache)[:, -1]  # (B', V)
-        for t in range(n):
-            if t > 0:
-                x = tokens[:, t - 1:t].repeat(reps, 1)  # (B', 1): the same token for both halves
-                logits = model.decode_step(x, cache, slots[t - 1:t])[:, -1]  # (B', V)
-            guided = combine_cfg(logits, cfg_scale, cfg_guided(t, cfg_interval))  # (B, V)
-            if record_logits is not None:
-                record_logits.append(guided)
-            tokens[:, t], _ = sample_from_logits(guided, temperature, top_k, top_p, generator)
+
+        def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None,
+                 pos: torch.Tensor) -> torch.Tensor:
+            if prev is None:
+                return model.prefill(cond, cache)[:, -1:]  # (B', 1, V)
+            return model.decode_step(prev, cache, prev_pos + model.cls_token_num)  # (B', 1, V)
+
+        recorded: list | None = [] if record_logits is not None else None
+        tokens = decode_in_groups(
+            step, torch.arange(n, device=device), [1] * n, labels.shape[0], cfg_scale=cfg_scale,
+            cfg_scale_at=lambda g, pos, idx: cfg_scale if cfg_guided(g, cfg_interval) else None,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, record_logits=recorded)
+        if record_logits is not None:
+            record_logits.extend(l[:, 0] for l in recorded)  # (B, V) per token
         return tokens
