@@ -210,6 +210,7 @@ def stage_codes(out: Path, vq_ckpt: Path, args, logger):
         return code_path, True
     argv = ["--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--vq-model", VQ_MODEL,
             "--codebook-size", str(CODEBOOK_SIZE), "--vq-ckpt", str(vq_ckpt), "--code-path", str(code_path),
+            "--no-flip",  # a mirrored digit is another shape (or class): never train on mirrors
             "--num-workers", "0", "--device", args.device]
     extract_codes_c2i.main(extract_codes_c2i.build_parser().parse_args(argv))
     return code_path, False

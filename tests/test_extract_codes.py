@@ -222,3 +222,20 @@ def test_ten_crop_files_and_metadata(env, tmp_path):
     assert meta["tokenizer"]["config"] == json.loads(json.dumps(ident["config"]))
     with pytest.raises(ExtractError, match="crop_range: there 1.1; this run 1.05"):
         main(extract_args(env / "small", out, env / "vq.pt", "--ten-crop", "--crop-range", "1.05"))
+
+
+def test_no_flip_encodes_the_views_as_they_are(env, tmp_path):
+    """--no-flip (digits: a mirror changes the shape) halves the views and is recorded and checked."""
+    out = tmp_path / "codes_no_flip"
+    main(extract_args(env / "small", out, env / "vq.pt", "--no-flip"))
+    codes = np.load(out / "folder32_codes" / "4.npy")
+    assert codes.shape == (1, 1, 64)
+    vq = load_vq(env / "vq.pt", "VQ-debug", 64)
+    img, _, _ = ImageFolderSafe(env / "small")[4]
+    assert np.array_equal(codes[0], vq.encode_to_indices(center_crop_tensor(img, 32)).numpy())
+    meta = json.loads((out / "folder32_codes" / META_FILE).read_text())
+    assert meta["flip"] is False and meta["num_aug"] == 1
+    with pytest.raises(ExtractError, match="flip: there False; this run True"):
+        main(extract_args(env / "small", out, env / "vq.pt"))
+    ten = main(extract_args(env / "small", tmp_path / "ten", env / "vq.pt", "--ten-crop", "--no-flip"))
+    assert ten["complete"] and np.load(tmp_path / "ten" / "folder32_codes" / "4.npy").shape == (1, 5, 64)

@@ -60,19 +60,28 @@ class ExtractError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def extraction_transform(img, image_size: int, ten_crop: bool, crop_range: float) -> torch.Tensor:
-    """PIL image -> the views encoded before flipping: (10,3,S,S) with --ten-crop, else (1,3,S,S)."""
+def extraction_transform(img, image_size: int, ten_crop: bool, crop_range: float,
+                         flip: bool = True) -> torch.Tensor:
+    """PIL image -> the views encoded before flipping: (10,3,S,S) with --ten-crop (5 without the
+    mirrored crops under --no-flip), else (1,3,S,S)."""
     if ten_crop:
-        return ten_crop_tensor(img, image_size, crop_range)
+        views = ten_crop_tensor(img, image_size, crop_range)
+        return views if flip else views[:5]
     return center_crop_tensor(img, image_size)
 
 
-def encode_image(vq: VQModel, views: torch.Tensor, ten_crop: bool) -> np.ndarray:
+def num_views(ten_crop: bool, flip: bool) -> int:
+    """Views per image: 10 / 2 as the official (ten-crop / centre + mirror), halved by --no-flip."""
+    return (10 if ten_crop else 2) // (1 if flip else 2)
+
+
+def encode_image(vq: VQModel, views: torch.Tensor, ten_crop: bool, flip: bool = True) -> np.ndarray:
     """(V,3,S,S) views of one image -> int64 codes (1, num_aug, N), one forward as the official.
 
     Ten-crop views already contain their mirrors (TenCrop); otherwise [x, flip(x)] (num_aug 2).
+    `flip=False` (data where a mirror changes the class, e.g. digits) encodes the views as they are.
     """
-    x_all = views if ten_crop else with_flip(views)
+    x_all = views if (ten_crop or not flip) else with_flip(views)
     idx = vq.encode_to_indices(x_all)  # (num_aug, N)
     return idx.reshape(1, x_all.shape[0], -1).to("cpu", torch.int64).numpy()
 
@@ -98,14 +107,15 @@ def extraction_meta(args: argparse.Namespace, identity: dict, data, num_aug: int
     return {"format": META_FORMAT, "dataset": args.dataset,
             "data_path": os.path.abspath(args.data_path) if args.data_path else None,
             "num_images": len(data), "image_size": args.image_size, "ten_crop": args.ten_crop,
-            "crop_range": args.crop_range if args.ten_crop else None, "num_aug": num_aug,
+            "crop_range": args.crop_range if args.ten_crop else None, "flip": not args.no_flip,
+            "num_aug": num_aug,
             "num_tokens": num_tokens, "vq_model": args.vq_model, "tokenizer": identity,
             "class_to_idx": dict(data.class_to_idx), "skipped": []}
 
 
 def _setting(meta: dict, key: str):
     """A comparable, printable value of one recorded setting."""
-    v = meta.get(key)
+    v = meta.get(key, True if key == "flip" else None)  # folders from before --no-flip were flipped
     if key == "tokenizer":
         v = v or {}
         cfg = json.dumps(v.get("config"), sort_keys=True, default=str)  # order-free, as JSON stores it
@@ -125,7 +135,7 @@ def check_existing(code_path: Path, codes_dir: Path, meta: dict) -> None:
     if code_path.is_dir():
         for found_meta in sorted(code_path.glob(f"*_codes/{META_FILE}")):
             found = read_meta(found_meta.parent)
-            keys = ["tokenizer", "image_size", "ten_crop", "crop_range"]
+            keys = ["tokenizer", "image_size", "ten_crop", "crop_range", "flip"]
             if found_meta.parent == codes_dir:
                 keys += ["dataset", "num_images", "class_to_idx"]
             bad = [f"{k}: there {_setting(found, k)}; this run {_setting(meta, k)}"
@@ -175,7 +185,7 @@ def main(args: argparse.Namespace) -> dict:
                            f"are cut from an int(image_size * crop_range) centre crop)")
     vq, identity = load_tokenizer(args, device)
     num_tokens = (args.image_size // vq.downsample) ** 2
-    num_aug = 10 if args.ten_crop else 2
+    num_aug = num_views(args.ten_crop, not args.no_flip)
     logger.info(f"{args.vq_model} from {args.vq_ckpt}: {num_aug} views x {num_tokens} codes per image, "
                 f"weights sha256 {identity['weights_sha256'][:12]}")
 
@@ -183,7 +193,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.dataset == "digits" and args.data_path:
         raise ExtractError("--dataset digits is embedded (its train split); drop --data-path")
     transform = functools.partial(extraction_transform, image_size=args.image_size, ten_crop=args.ten_crop,
-                                  crop_range=args.crop_range)
+                                  crop_range=args.crop_range, flip=not args.no_flip)
     data = build_image_dataset(args.dataset, args.data_path, transform, args.image_size)
     if len(data) == 0:
         raise DatasetError(f"--dataset {args.dataset} has no images")
@@ -220,7 +230,8 @@ def main(args: argparse.Namespace) -> dict:
         if "images" not in batch:
             continue
         k = int(batch["indices"][0])
-        codes = encode_image(vq, batch["images"][0].to(device, non_blocking=True), args.ten_crop)
+        codes = encode_image(vq, batch["images"][0].to(device, non_blocking=True), args.ten_crop,
+                             flip=not args.no_flip)
         # Code first, label last: an image counts as finished only once both exist.
         save_npy(codes_dir / f"{k}.npy", codes)  # (1, num_aug, N) int64
         save_npy(labels_dir / f"{k}.npy", np.array([int(batch["labels"][0])], dtype=np.int64))  # (1,)
@@ -272,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256, help="image side in pixels (a multiple of the downsampling)")
     p.add_argument("--ten-crop", action="store_true",
                    help="encode the ten crops of an int(image_size * crop_range) centre crop (else crop + flip)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no mirrored views (for data where a mirror changes the class, e.g. digits)")
     p.add_argument("--crop-range", type=float, default=1.1, help="crop scale for --ten-crop (official 1.1 / 1.05)")
     # Tokenizer
     p.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models), help="tokenizer size")
