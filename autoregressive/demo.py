@@ -16,7 +16,7 @@ The demo FID is a Fréchet distance between the classifier's 128-d penultimate f
 samples and of the held-out real digits (`evaluations/c2i/features.py` DomainBackend,
 `evaluations/c2i/statistics.py`). It is NOT the Inception FID of the papers and is not comparable
 with it. Every strategy in the registry (`autoregressive/strategies`) is trained and sampled;
-per-strategy settings go in `STRATEGY_SETTINGS`.
+the runs of each strategy are listed in `DEMO_RUNS`.
 
 Output folder: `grid_<strategy>.png` (one row per class), `reconstruction.png`, `results.md`,
 `results.csv`, `quality_vs_speed.png`, `timings.json`, and the work folders `classifier/`,
@@ -43,22 +43,43 @@ from utils.training import last_checkpoint
 VQ_MODEL, GPT_MODEL = "VQ-debug", "GPT-debug"
 IMAGE_SIZE, DOWNSAMPLE, CODEBOOK_SIZE, NUM_CLASSES = 32, 4, 512, 10
 
-#: Per-strategy demo settings; a strategy not listed uses DEFAULT_STRATEGY_SETTINGS. Keys:
-#: gpt_steps (None: --gpt-steps), lr, cfg_scale, temperature, top_k, top_p, steps (decoding steps,
-#: parallel strategies).
-DEFAULT_STRATEGY_SETTINGS = dict(gpt_steps=None, lr=1e-3, cfg_scale=2.0, temperature=1.0, top_k=0,
-                                 top_p=1.0, steps=None)
-STRATEGY_SETTINGS: dict[str, dict] = {
-    "raster": {},
+#: What a demo run may set; anything not given takes these values. gpt_model None = --gpt-model;
+#: gpt_steps None = --gpt-steps; train_flags / sample_flags = the strategy's own flags (argv lists);
+#: steps = decoding steps (--steps) for the parallel strategies.
+DEFAULT_RUN = dict(gpt_model=None, gpt_steps=None, lr=1e-3, train_flags=(), cfg_scale=2.0, temperature=1.0,
+                   top_k=0, top_p=1.0, steps=None, sample_flags=())
+#: The demo's runs per strategy: each is one row of the table and one grid. Runs of a strategy with
+#: the same model settings share one trained GPT. A registered strategy not listed gets one run
+#: with the defaults.
+DEMO_RUNS: dict[str, list[dict]] = {
+    "raster": [{}],
+    "par": [dict(label="par-4x")],  # 8x8 grid, 4 regions: 16 + 3 = 19 steps
+    "arpg": [dict(gpt_model="ARPG-debug", steps=16, label="arpg-16"),
+             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8")],
+    # no official step table for an 8x8 grid: cosine group sizes
+    "lpd": [dict(gpt_model="LPD-debug", steps=16, label="lpd-16", sample_flags=("--group-schedule", "cosine")),
+            dict(gpt_model="LPD-debug", steps=8, label="lpd-8", sample_flags=("--group-schedule", "cosine"))],
+    "var": [],  # needs its own multi-scale tokenizer stage (not in the demo yet)
 }
 QUICK = dict(vq_steps=20, gpt_steps=20, per_class=2, classifier_epochs=1, extract_limit=None)
 
 
-def strategy_settings(name: str, args: argparse.Namespace) -> dict:
-    s = {**DEFAULT_STRATEGY_SETTINGS, **STRATEGY_SETTINGS.get(name, {})}
-    if s["gpt_steps"] is None or args.quick or args.gpt_steps_given:
-        s["gpt_steps"] = args.gpt_steps
-    return s
+def demo_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
+    """Every run of the demo, complete: label, strategy and all DEFAULT_RUN keys."""
+    runs = []
+    for name in names:
+        for run in DEMO_RUNS.get(name, [{}]):
+            r = {**DEFAULT_RUN, "label": name, **run, "strategy": name}
+            r["gpt_model"] = r["gpt_model"] or args.gpt_model
+            if r["gpt_steps"] is None or args.quick or args.gpt_steps_given:
+                r["gpt_steps"] = args.gpt_steps
+            runs.append(r)
+    return runs
+
+
+def gpt_folder_name(run: dict) -> str:
+    """One trained GPT per strategy and model settings (runs differing only in sampling share it)."""
+    return "-".join([run["strategy"], run["gpt_model"], *[f.lstrip("-") for f in run["train_flags"]]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,18 +120,6 @@ def final_checkpoint(results_dir: Path, run_suffix: str, steps: int) -> tuple[Pa
 def to_float(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-class _ClassifierFeatures(torch.nn.Module):
-    """The digits classifier as a DomainBackend module: images -> (features, logits)."""
-
-    def __init__(self, clf):
-        super().__init__()
-        self.clf = clf
-
-    def forward(self, x):
-        f = self.clf.features(x)
-        return f, self.clf.head(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,40 +225,43 @@ def stage_codes(out: Path, vq_ckpt: Path, args, logger):
     return code_path, False
 
 
-def stage_gpt(out: Path, name: str, settings: dict, code_path: Path, args, logger):
+def stage_gpt(out: Path, run: dict, code_path: Path, args, logger):
     from autoregressive.train import train_c2i
 
-    results = out / "gpt" / name / code_path.name
-    steps = settings["gpt_steps"]
-    ckpt, partial = final_checkpoint(results, f"{args.gpt_model}-{name}", steps)
+    name, model = run["strategy"], run["gpt_model"]
+    results = out / "gpt" / gpt_folder_name(run) / code_path.name
+    steps = run["gpt_steps"]
+    ckpt, partial = final_checkpoint(results, f"{model}-{name}", steps)
     if ckpt is not None:
         logger.info(f"reusing the {name} GPT {ckpt}")
         return ckpt, True
-    argv = ["--strategy", name, "--gpt-model", args.gpt_model, "--code-path", str(code_path),
+    argv = ["--strategy", name, "--gpt-model", model, "--code-path", str(code_path),
             "--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--downsample-size", str(DOWNSAMPLE),
             "--vocab-size", str(CODEBOOK_SIZE), "--num-classes", str(NUM_CLASSES), "--max-steps", str(steps),
-            "--epochs", "100000", "--global-batch-size", str(args.gpt_batch_size), "--lr", str(settings["lr"]),
+            "--epochs", "100000", "--global-batch-size", str(args.gpt_batch_size), "--lr", str(run["lr"]),
             "--mixed-precision", "none", "--num-workers", "0", "--no-compile", "--results-dir", str(results),
-            "--log-every", "50", "--ckpt-every", str(max(steps // 2, 1)), "--device", args.device]
+            "--log-every", "50", "--ckpt-every", str(max(steps // 2, 1)), "--device", args.device,
+            *run["train_flags"]]
     if partial is not None:
         logger.info(f"resuming the unfinished {name} GPT run {partial}")
         argv += ["--resume", str(partial)]
     parser = train_c2i.build_parser()
     train_c2i.main(parser.parse_args(argv), explicit=train_c2i.explicit_flags(parser, argv))
-    ckpt, _ = final_checkpoint(results, f"{args.gpt_model}-{name}", steps)
+    ckpt, _ = final_checkpoint(results, f"{model}-{name}", steps)
     if ckpt is None:
         raise RuntimeError(f"the {name} GPT run under {results} did not write {steps:07d}.pt")
     return ckpt, False
 
 
-def stage_sample(out: Path, name: str, settings: dict, gpt_ckpt: Path, vq_ckpt: Path, args, logger):
+def stage_sample(out: Path, run: dict, gpt_ckpt: Path, vq_ckpt: Path, args, logger):
     from autoregressive.sample.common import add_sampling_args, load_sampler
     from autoregressive.sample.shards import image_seeds, to_uint8
     from utils.checkpoint import save_npz
 
+    name, settings = run["label"], run
     path = out / "samples" / f"{name}.npz"
     meta_path = path.with_suffix(".json")
-    argv = ["--strategy", name, "--gpt-model", args.gpt_model, "--gpt-ckpt", str(gpt_ckpt),
+    argv = ["--strategy", run["strategy"], "--gpt-model", run["gpt_model"], "--gpt-ckpt", str(gpt_ckpt),
             "--vq-model", VQ_MODEL, "--vq-ckpt", str(vq_ckpt), "--codebook-size", str(CODEBOOK_SIZE),
             "--image-size", str(IMAGE_SIZE), "--image-size-eval", str(IMAGE_SIZE),
             "--downsample-size", str(DOWNSAMPLE), "--num-classes", str(NUM_CLASSES),
@@ -258,6 +270,7 @@ def stage_sample(out: Path, name: str, settings: dict, gpt_ckpt: Path, vq_ckpt: 
             "--global-seed", str(args.seed), "--device", args.device]
     if settings["steps"] is not None:
         argv += ["--steps", str(settings["steps"])]
+    argv += list(run["sample_flags"])
     wanted = {"argv": argv, "per_class": args.per_class}
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == wanted:
         logger.info(f"reusing the {name} samples {path}")
@@ -278,7 +291,7 @@ def stage_sample(out: Path, name: str, settings: dict, gpt_ckpt: Path, vq_ckpt: 
     images = np.concatenate(chunks)
     save_npz(path, arr_0=images, labels=labels.numpy())
     meta = {"settings": wanted, "seconds": seconds, "images_per_s": n / seconds, "num_images": n,
-            "decoding_steps": settings["steps"] or sampler.grid ** 2}
+            "decoding_steps": sampler.strategy.decoding_steps(sampler.gpt, settings["steps"])}
     meta_path.write_text(json.dumps(meta, indent=2))
     logger.info(f"{name}: {n} images in {seconds:.1f} s ({n / seconds:.1f} images/s)")
     return meta, False
@@ -286,12 +299,11 @@ def stage_sample(out: Path, name: str, settings: dict, gpt_ckpt: Path, vq_ckpt: 
 
 def evaluate(images: np.ndarray, labels: np.ndarray, clf, ref_stats, device) -> dict:
     """Class accuracy under the classifier and the demo FID (classifier features) of uint8 images."""
-    from evaluations.c2i.features import DomainBackend
     from evaluations.c2i.statistics import compute_statistics
-    from evaluations.digits_classifier import predict
+    from evaluations.digits_classifier import digits_backend, predict
 
     pred = predict(clf, to_float(images)).numpy()
-    backend = DomainBackend(_ClassifierFeatures(clf), "digits_classifier", device=device)
+    backend = digits_backend(clf, device=device)
     feats, _, _ = backend(images)
     return {"class_accuracy": float((pred == labels).mean()),
             "demo_fid": compute_statistics(feats).frechet_distance(ref_stats)}
@@ -299,10 +311,10 @@ def evaluate(images: np.ndarray, labels: np.ndarray, clf, ref_stats, device) -> 
 
 def reference_stats(clf, device):
     from dataset.digits import DigitsDataset
-    from evaluations.c2i.features import DomainBackend
     from evaluations.c2i.statistics import compute_statistics
+    from evaluations.digits_classifier import digits_backend
 
-    backend = DomainBackend(_ClassifierFeatures(clf), "digits_classifier", device=device)
+    backend = digits_backend(clf, device=device)
     held = DigitsDataset("heldout", IMAGE_SIZE).uint8_array()
     train = DigitsDataset("train", IMAGE_SIZE)
     ref = compute_statistics(backend(held)[0])
@@ -380,7 +392,7 @@ def main(args: argparse.Namespace) -> Path:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     logger = create_logger("demo", out, 0)
-    names = strategy_names()
+    names = args.strategies or strategy_names()
     logger.info(f"embedded demo -> {out} ({'quick' if args.quick else 'full'}; strategies: {', '.join(names)}; "
                 f"device {args.device}; {torch.get_num_threads()} threads)")
     device = torch.device(args.device)
@@ -393,18 +405,19 @@ def main(args: argparse.Namespace) -> Path:
 
     ref, backend, train = reference_stats(clf, device)
     rows = []
-    for name in names:
-        settings = strategy_settings(name, args)
-        gpt_ckpt = st.run(f"gpt:{name}", stage_gpt, out, name, settings, code_path, args, logger)
-        meta = st.run(f"sample:{name}", stage_sample, out, name, settings, gpt_ckpt, vq_ckpt, args, logger)
+    runs = demo_runs(names, args)
+    for run in runs:
+        name = run["label"]
+        gpt_ckpt = st.run(f"gpt:{gpt_folder_name(run)}", stage_gpt, out, run, code_path, args, logger)
+        meta = st.run(f"sample:{name}", stage_sample, out, run, gpt_ckpt, vq_ckpt, args, logger)
         data = np.load(out / "samples" / f"{name}.npz")
         images, labels = data["arr_0"], data["labels"]
         write_grid(out / f"grid_{name}.png", images, args.per_class, args.grid_per_class)
         scores = evaluate(images, labels, clf, ref, device)
-        rows.append({"strategy": name, "gpt_model": args.gpt_model, "train_steps": settings["gpt_steps"],
+        rows.append({"strategy": name, "gpt_model": run["gpt_model"], "train_steps": run["gpt_steps"],
                      "decoding_steps": meta["decoding_steps"], "images_per_s": meta["images_per_s"],
-                     "num_images": len(images), "cfg_scale": settings["cfg_scale"],
-                     "temperature": settings["temperature"], "top_k": settings["top_k"], **scores})
+                     "num_images": len(images), "cfg_scale": run["cfg_scale"],
+                     "temperature": run["temperature"], "top_k": run["top_k"], **scores})
         logger.info(f"{name}: class accuracy {scores['class_accuracy']:.1%}, demo FID {scores['demo_fid']:.2f}, "
                     f"{meta['images_per_s']:.1f} images/s; grid {out / f'grid_{name}.png'}")
 
@@ -420,7 +433,7 @@ def main(args: argparse.Namespace) -> Path:
     logger.info("stage timings: " + ", ".join(f"{k} {v:.1f}s{' (reused)' if st.reused[k] else ''}"
                                              for k, v in st.seconds.items()) + f"; total {total:.1f} s")
     logger.info(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'quality_vs_speed.png'}; "
-                f"grids: {', '.join(str(out / f'grid_{n}.png') for n in names)}; {out / 'reconstruction.png'}")
+                f"grids: {', '.join(str(out / ('grid_' + r['label'] + '.png')) for r in runs)}; {out / 'reconstruction.png'}")
     print((out / "results.md").read_text())
     return out
 
@@ -444,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-batch-size", type=int, default=100, help="images generated at once")
     p.add_argument("--classifier-epochs", type=int, default=15, help="digits classifier epochs")
     p.add_argument("--seed", type=int, default=0, help="global seed of the sampling")
+    p.add_argument("--strategies", nargs="+", default=None, choices=strategy_names(),
+                   help="only these strategies (default: every registered one)")
     return p
 
 

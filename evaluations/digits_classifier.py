@@ -91,3 +91,22 @@ def load_or_train(path: str | Path, log=print) -> DigitsClassifier:
     model, acc = train_classifier(log=log)
     save_checkpoint({"model": model.state_dict(), "heldout_accuracy": acc}, path)
     return model
+
+
+class FeaturesAndLogits(nn.Module):
+    """The classifier as a `DomainBackend` module: images -> (128-d features, logits)."""
+
+    def __init__(self, clf: DigitsClassifier):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.clf.features(x)
+        return f, self.clf.head(f)
+
+
+def digits_backend(clf: DigitsClassifier, name: str = "digits_classifier", device=None, batch_size: int = 256):
+    """The demo's evaluator feature backend (`evaluations/c2i/features.py:DomainBackend`)."""
+    from evaluations.c2i.features import DomainBackend
+
+    return DomainBackend(FeaturesAndLogits(clf), name, batch_size=batch_size, device=device)

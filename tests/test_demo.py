@@ -1,5 +1,5 @@
 """The embedded demo end to end in its --quick mode: every output file is written, the table has one
-row per registered strategy, and a rerun reuses the finished stages (quality is not checked here)."""
+row per demo run, every registered strategy, and a rerun reuses the finished stages (quality is not checked here)."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from autoregressive.demo import demo_runs, parse_args
 from autoregressive.strategies import strategy_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,8 @@ def test_demo_quick_end_to_end(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
 
-    names = strategy_names()
+    names = [r["label"] for r in demo_runs(strategy_names(), parse_args(["--quick"]))]
+    assert {r["strategy"] for r in demo_runs(strategy_names(), parse_args(["--quick"]))} == set(strategy_names())
     for f in ["results.md", "results.csv", "quality_vs_speed.png", "reconstruction.png", "timings.json",
               *(f"grid_{n}.png" for n in names)]:
         assert (out / f).is_file(), f"missing {f}"

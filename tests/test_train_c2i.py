@@ -107,3 +107,30 @@ def test_bad_input_is_refused(tmp_path):
     assert res.returncode != 0 and "--gpt-model 'GPT-B' contradicts the checkpoint" in res.stderr
     res = run(train_cmd(codes, tmp_path / "r", "--resume", str(run_dir), "--max-steps", "3"))
     assert res.returncode == 0 and "gpt_model=GPT-debug" in res.stderr, res.stderr[-2000:]
+
+
+def test_fsdp_two_ranks_learn_and_resume_to_the_same_weights(tmp_path):
+    """--data-parallel fsdp (FULL_SHARD, gloo): the loss falls; a run stopped at a checkpoint and
+    resumed reaches the weights of the uninterrupted run; the checkpoint is the full, unsharded state."""
+    codes = write_codes(tmp_path / "codes")
+    common = ("--epochs", "3", "--log-every", "3", "--ckpt-every", "9", "--data-parallel", "fsdp",
+              "--mixed-precision", "none", "--dropout-p", "0.0", "--token-dropout-p", "0.0")
+    full = run(train_cmd(codes, tmp_path / "full", *common, nproc=2))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "FSDP (fsdp)" in full.stderr
+    curve = losses(full.stderr)
+    assert curve[-1] < curve[0] - 0.3, curve
+    part = run(train_cmd(codes, tmp_path / "part", *common, "--max-steps", "9", nproc=2))
+    assert part.returncode == 0, part.stderr[-3000:]
+    run_dir = next((tmp_path / "part").iterdir())
+    resumed = run(train_cmd(codes, tmp_path / "part", *common, "--resume", str(run_dir), nproc=2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(next((tmp_path / "full").iterdir()) / "checkpoints" / "0000018.pt")
+    b = load_checkpoint(run_dir / "checkpoints" / "0000018.pt")
+    assert set(a["model"]) == set(b["model"]) and "tok_embeddings.weight" in a["model"]
+    assert all(not hasattr(v, "full_tensor") for v in a["model"].values())  # plain tensors, unsharded
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # An FSDP optimizer state does not resume under DDP: a clear refusal.
+    ddp = run(train_cmd(codes, tmp_path / "part", "--epochs", "3", "--resume", str(run_dir), "--mixed-precision", "none"))
+    assert ddp.returncode != 0 and "--data-parallel fsdp" in ddp.stderr

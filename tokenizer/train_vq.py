@@ -5,6 +5,12 @@ Single process (CPU demo size, no perceptual loss):
         --image-size 32 --global-batch-size 16 --perceptual-weight 0 --disc-start 200 --max-steps 400
 torchrun (what `scripts/tokenizer/train_vq.sh` runs), ImageNet at 256 px as published:
     bash scripts/tokenizer/train_vq.sh --data-path /data/imagenet/train --image-size 256 --vq-model VQ-16
+VAR's multi-scale VQVAE (`tokenizer/msvq.py`; the official repository released no training code)
+trains through the same losses with `--vq-model MSVQ-16` (the release: --codebook-size 4096
+--codebook-embed-dim 32) or `MSVQ-debug`, and `--v-patch-nums` (default: the official list of the
+image size); its checkpoints hold `msvq_config` and load with `tokenizer.msvq.load_msvq`:
+    python tokenizer/train_vq.py --vq-model MSVQ-debug --codebook-size 512 --codebook-embed-dim 8 \
+        --v-patch-nums 1_2_4_8 --dataset digits --image-size 32 --perceptual-weight 0 --max-steps 400
 Resume the last complete checkpoint of a run folder (same data order, same weights as a run that
 was never interrupted):
     bash scripts/tokenizer/train_vq.sh ... --resume results_tokenizer_image/000-VQ-16
@@ -40,6 +46,7 @@ from tokenizer.losses import (DISC_LOSSES, DISCRIMINATORS, GEN_LOSSES, LPIPS_LIN
                               LossConfig, PerceptualWeightsMissing, VQLoss, default_vgg16_path,
                               download_lpips_weights, load_lpips)
 from tokenizer.loading import build_vq
+from tokenizer.msvq import MSVQ_models, MSVQConfig, MultiScaleVQVAE, build_msvq_named, msvq_config_dict
 from tokenizer.vq_model import VQConfig, VQModel, VQ_models, config_dict
 from utils.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
 from utils.distributed import (all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed,
@@ -51,7 +58,7 @@ from utils.training import (NonFiniteGuard, ResumableDistributedSampler, autocas
 
 # Flags that fix the architecture: on resume they come from the checkpoint (an explicit different
 # value on the command line is an error).
-ARCH_FLAGS = ("vq_model", "codebook_size", "codebook_embed_dim", "codebook_l2_norm")
+ARCH_FLAGS = ("vq_model", "codebook_size", "codebook_embed_dim", "codebook_l2_norm", "v_patch_nums")
 
 #################################################################################
 #                                    Helpers                                    #
@@ -200,6 +207,11 @@ def resolve_architecture(args, ckpt: dict, parser_defaults: dict, logger) -> Non
         saved = {**saved, "vq_model": ckpt.get("vq_model", saved.get("vq_model")),
                  "codebook_size": cfg["codebook_size"], "codebook_embed_dim": cfg["codebook_embed_dim"],
                  "codebook_l2_norm": cfg["codebook_l2_norm"]}
+    if "msvq_config" in ckpt:  # VAR's multi-scale VQVAE
+        cfg = ckpt["msvq_config"]
+        saved = {**saved, "vq_model": ckpt.get("vq_model", saved.get("vq_model")),
+                 "codebook_size": cfg["vocab_size"], "codebook_embed_dim": cfg["z_channels"],
+                 "v_patch_nums": "_".join(str(p) for p in cfg["v_patch_nums"])}
     for key in ARCH_FLAGS:
         if key not in saved or saved[key] == getattr(args, key):
             continue
@@ -210,8 +222,23 @@ def resolve_architecture(args, ckpt: dict, parser_defaults: dict, logger) -> Non
         setattr(args, key, saved[key])
 
 
-def build_model(args, ckpt: dict | None) -> VQModel:
-    """A fresh tokenizer of the named size, or the checkpoint's recorded configuration."""
+def build_model(args, ckpt: dict | None) -> VQModel | MultiScaleVQVAE:
+    """A fresh tokenizer of the named size, or the checkpoint's recorded configuration: LlamaGen's
+    VQ, or VAR's multi-scale VQVAE for the `MSVQ-*` sizes. Both return (reconstruction,
+    (vq_loss, commit_loss, entropy_loss, usage)) from forward, what `VQLoss` takes."""
+    if args.vq_model in MSVQ_models:
+        saved = ckpt.get("msvq_config") if ckpt is not None else None
+        try:
+            if saved is not None:
+                model = MultiScaleVQVAE(MSVQConfig(**{**saved, "dropout": args.dropout_p, "beta": args.commit_loss_beta}))
+                if model.config.image_size != args.image_size:
+                    raise ValueError(f"the checkpoint's tokenizer encodes {model.config.image_size} px images, "
+                                     f"not --image-size {args.image_size}")
+                return model
+            return build_msvq_named(args.vq_model, args.codebook_size, args.codebook_embed_dim, args.image_size,
+                                    args.v_patch_nums, dropout=args.dropout_p, beta=args.commit_loss_beta)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     train_opts = dict(commit_loss_beta=args.commit_loss_beta, entropy_loss_ratio=args.entropy_loss_ratio,
                       dropout_p=args.dropout_p)
     if ckpt is not None and "vq_config" in ckpt:
@@ -264,7 +291,7 @@ def main(args, parser_defaults: dict | None = None):
     perceptual = build_perceptual(args, logger)  # before any folder is made: it may stop the run
     if ckpt is not None:
         resolve_architecture(args, ckpt, parser_defaults, logger)
-    if args.vq_model not in VQ_models:
+    if args.vq_model not in VQ_models and args.vq_model not in MSVQ_models:
         raise SystemExit(f"error: unknown --vq-model {args.vq_model}")
     if not args.resume:
         run_dir = None
@@ -389,7 +416,8 @@ def main(args, parser_defaults: dict | None = None):
                 "steps": train_steps,
                 "args": dict(vars(args)),
                 "vq_model": args.vq_model,
-                "vq_config": config_dict(raw_model),
+                **({"msvq_config": msvq_config_dict(raw_model)} if isinstance(raw_model, MultiScaleVQVAE)
+                   else {"vq_config": config_dict(raw_model)}),
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "rng": rngs,
@@ -525,11 +553,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # Model
     g = parser.add_argument_group("model")
-    g.add_argument("--vq-model", type=str, choices=list(VQ_models), default="VQ-16", help="tokenizer size")
+    g.add_argument("--vq-model", type=str, choices=list(VQ_models) + list(MSVQ_models), default="VQ-16",
+                   help="tokenizer size: LlamaGen's VQ-*, or VAR's multi-scale VQVAE MSVQ-*")
+    g.add_argument("--v-patch-nums", type=str, default=None,
+                   help="MSVQ-*: the scales, e.g. 1_2_4_8 or 256 (default: the official list of --image-size)")
     g.add_argument("--codebook-size", type=int, default=16384, help="codebook entries")
     g.add_argument("--codebook-embed-dim", type=int, default=8, help="code vector dimension")
     g.add_argument("--codebook-l2-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="l2-normalise codes and encoder outputs (official: always on)")
+                   help="l2-normalise codes and encoder outputs (official: always on; MSVQ-*: not used, "
+                        "codes are picked by plain L2 as in the VAR release)")
     g.add_argument("--dropout-p", type=float, default=0.0, help="dropout in the encoder/decoder res blocks")
     # Losses
     g = parser.add_argument_group("losses")

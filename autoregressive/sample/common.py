@@ -13,7 +13,6 @@ import torch
 from autoregressive.sample.row_rng import RowRNG
 from autoregressive.strategies import (Strategy, add_strategy_arguments, get_strategy, model_size_names,
                                       strategy_names)
-from tokenizer.loading import load_vq
 from tokenizer.vq_model import VQ_models, VQModel
 
 PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,12 +82,12 @@ def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
     """Load the tokenizer and the GPT strictly, check they fit together, and cast for `--precision`."""
     if args.image_size % args.downsample_size:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size {args.downsample_size}")
-    vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim).to(device)
+    strategy = get_strategy(args.strategy)
+    strategy.configure(args)
+    vq = strategy.load_tokenizer(args).to(device)  # LlamaGen VQ; VAR's multi-scale VQVAE
     if vq.downsample != args.downsample_size:
         raise ValueError(f"the tokenizer {args.vq_model} downsamples by {vq.downsample}, "
                          f"but --downsample-size is {args.downsample_size}")
-    strategy = get_strategy(args.strategy)
-    strategy.configure(args)
     grid = args.image_size // args.downsample_size
     gpt = strategy.load_model(args.gpt_ckpt, args.gpt_model, prefer_ema=args.ema,
                               vocab_size=vq.config.codebook_size, block_size=grid * grid,

@@ -37,9 +37,17 @@ class RowRNG:
         return u.reshape(self.seeds.shape[0], *shape_tail)
 
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
-        """One draw per row from `probs` (B, V) by inverse CDF -> (B, 1) int64."""
+        """One draw per row from `probs` (B * G, V) by inverse CDF -> (B * G, 1) int64.
+
+        G draws per image (a group decoding step), rows batch-major as `sample_from_logits`
+        flattens (B, G, V); image b's draws come from its own stream, lanes 0..G-1 (G = 1 is
+        the single-token case, lane 0).
+        """
         cdf = probs.to(torch.float64).cumsum(-1)
-        u = self.uniform() * cdf[:, -1]
+        per_image, rest = divmod(probs.shape[0], self.seeds.shape[0])
+        if rest or not per_image:
+            raise ValueError(f"{probs.shape[0]} rows of probabilities for {self.seeds.shape[0]} image streams")
+        u = self.uniform((per_image,)).reshape(-1) * cdf[:, -1]
         idx = torch.searchsorted(cdf, u[:, None], right=True)
         return idx.clamp_(max=probs.shape[-1] - 1)
 

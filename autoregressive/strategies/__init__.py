@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import argparse
 
+from autoregressive.strategies.arpg import ArpgStrategy
 from autoregressive.strategies.base import Strategy, TrainingBatch
+from autoregressive.strategies.lpd import LpdStrategy
+from autoregressive.strategies.npp import NppStrategy
+from autoregressive.strategies.par import ParStrategy
 from autoregressive.strategies.raster import RasterStrategy
+from autoregressive.strategies.var import VarStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "raster": RasterStrategy,
+    "npp": NppStrategy,
+    "par": ParStrategy,
+    "arpg": ArpgStrategy,
+    "lpd": LpdStrategy,
+    "var": VarStrategy,
 }
 
 

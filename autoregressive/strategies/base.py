@@ -38,6 +38,9 @@ class Strategy(ABC):
     #: this strategy's flags (argparse dests) that fix the model's shape: saved with every
     #: training checkpoint, taken from it on resume, and an error when contradicted.
     arch_flags: tuple[str, ...] = ()
+    #: this strategy's flags that fix the training schedule but not the model (e.g. NPP's patch
+    #: stages): like `arch_flags`, taken from the checkpoint on resume and an error when contradicted.
+    schedule_flags: tuple[str, ...] = ()
 
     # -- flags ------------------------------------------------------------------------------------
 
@@ -62,6 +65,24 @@ class Strategy(ABC):
         """Token ids from `generate` -> images (B, 3, H, W) in about [-1, 1]."""
         return vq.decode_indices(tokens, grid=(grid, grid))
 
+    @classmethod
+    def code_length(cls, args: argparse.Namespace) -> int:
+        """Codes per image this strategy trains on (checked against the code folder): the raster
+        grid; VAR's multi-scale ids are sum pn^2."""
+        return (args.image_size // args.downsample_size) ** 2
+
+    def load_tokenizer(self, args: argparse.Namespace) -> nn.Module:
+        """The tokenizer `decode_tokens` decodes with (called after `configure`): the LlamaGen VQ
+        of --vq-model / --vq-ckpt; VAR returns its multi-scale VQVAE."""
+        from tokenizer.loading import load_vq
+
+        return load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
+
+    @classmethod
+    def apply_flag_aliases(cls, args: argparse.Namespace) -> None:
+        """Set the driver's flags from this strategy's official aliases of them (VAR: --bs, --ep,
+        --tblr, ...); the training driver calls it first, before any flag is read."""
+
     @abstractmethod
     def build_model(self, gpt_model: str, **config: Any) -> nn.Module:
         """A fresh model of a named size; `config` overrides its constructor arguments."""
@@ -81,6 +102,15 @@ class Strategy(ABC):
                        generator: torch.Generator | None = None) -> TrainingBatch:
         """codes (B, N) raster-order token ids, labels (B,) -> the step's inputs and targets."""
 
+    def on_step(self, step: int, steps_per_epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called by the training driver before every optimizer step; returns scalars to log.
+
+        `step` counts the optimizer-sized batches consumed so far (the driver's `data_pos`, restored
+        on resume), so `step // steps_per_epoch` is the epoch. A strategy whose batches or learning
+        rate depend on the training position sets them here (NPP: patch stage, per-stage lr).
+        """
+        return {}
+
     def training_loss(self, model: nn.Module, codes: torch.Tensor, labels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """The scalar loss of one step (the hook the training driver calls)."""
@@ -95,6 +125,21 @@ class Strategy(ABC):
                  generator: Generator | None = None,
                  record_logits: list | None = None) -> torch.Tensor:
         """Sample token ids (B, N) in raster layout for class labels (B,)."""
+
+    def decoding_steps(self, model: nn.Module, steps: int | None = None) -> int:
+        """Model forwards `generate` runs for one image (`steps` as given to it); raster: one per token."""
+        return steps if steps is not None else model.config.block_size
+
+    def edit(self, model: nn.Module, labels: torch.Tensor, known_tokens: torch.Tensor,
+             known_mask: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, steps: int | None = None,
+             generator: Generator | None = None, record_logits: list | None = None) -> torch.Tensor:
+        """Zero-shot editing (inpainting, outpainting, class-conditional editing): keep the raster
+        tokens `known_tokens` (B, N) where `known_mask` (N,) is True as context, generate the
+        others for `labels` (B,); returns (B, N). Only strategies that generate in arbitrary
+        orders can do this; the others refuse."""
+        raise NotImplementedError(f"the {self.name!r} strategy cannot edit images: it only generates "
+                                  f"in a fixed order (use an arbitrary-order strategy such as arpg)")
 
     @staticmethod
     def check_labels(labels: torch.Tensor, num_classes: int) -> None:

@@ -49,7 +49,8 @@ class RasterStrategy(Strategy):
         what = f"GPT checkpoint {path}"
         if args is not None and "gpt_model" in args:
             check_args_agree(args, what, strategy=self.name, gpt_model=gpt_model)
-            recorded = gpt_kwargs_from_args(args)
+            # The shared size flags and this strategy's own shape flags (their dests are config fields).
+            recorded = {**gpt_kwargs_from_args(args), **{k: args[k] for k in self.arch_flags if k in args}}
             for k, v in config.items():
                 if k in recorded and recorded[k] != v:
                     raise CheckpointError(f"{what} was trained with {k}={recorded[k]!r}, but {k}={v!r} was asked for")

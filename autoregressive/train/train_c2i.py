@@ -15,7 +15,6 @@ differs between strategies lives in `autoregressive/strategies/` (the `--strateg
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from autoregressive.strategies import add_strategy_arguments, get_strategy, model_size_names, strategy_names
@@ -33,6 +31,8 @@ from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.ema import make_ema, update_ema
 from utils.logger import create_logger, progress
+from utils.parallel import (PARALLEL_MODES, clip_grad_norm, gradient_sync, is_sharded, load_optimizer_state,
+                            model_state_dict, optimizer_state_dict, wrap_model)
 from utils.training import (MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
                             autocast_context, gather_rng_states, last_checkpoint, make_adamw,
                             make_grad_scaler, new_run_dir, set_rng_state)
@@ -76,8 +76,10 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
 
 
 def arch_flags(strategy_name: str) -> tuple[str, ...]:
-    """The flags that fix the model's shape: the shared ones and the strategy's own."""
-    return ARCH_FLAGS + tuple(get_strategy(strategy_name).arch_flags)
+    """The flags that fix the model's shape (the shared ones and the strategy's own) and the
+    strategy's training-schedule flags: all taken from the checkpoint on resume."""
+    strategy = get_strategy(strategy_name)
+    return ARCH_FLAGS + tuple(strategy.arch_flags) + tuple(strategy.schedule_flags)
 
 
 def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] | None, logger) -> None:
@@ -103,6 +105,7 @@ def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] 
 
 def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
     """Train; `explicit` names the flags given on the command line (for resume checks)."""
+    get_strategy(args.strategy).apply_flag_aliases(args)  # e.g. VAR's official --bs/--ep/--tblr
     # Setup DDP ------------------------------------------------------------------------------
     dist_info = init_distributed(args.device)
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
@@ -116,11 +119,12 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     # Data: checked before anything is written ----------------------------------------------
+    get_strategy(args.strategy).configure(args)  # bad strategy flags: refused before any folder exists
     data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
                        seed=args.global_seed)
-    grid = args.image_size // args.downsample_size
     codes_info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
-                                        codebook_size=args.vocab_size, num_tokens=grid * grid)
+                                        codebook_size=args.vocab_size,
+                                        num_tokens=get_strategy(args.strategy).code_length(args))
     if data.class_to_idx is not None and len(data.class_to_idx) > args.num_classes:
         raise ValueError(f"the codes have {len(data.class_to_idx)} classes but --num-classes is {args.num_classes}")
 
@@ -157,8 +161,10 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
     strategy = get_strategy(args.strategy)
     strategy.configure(args)
     model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
+    if args.ema and is_sharded(args.data_parallel):
+        raise ValueError(f"--ema needs the unsharded weights on every rank: use --data-parallel ddp "
+                         f"(the official FSDP script has no EMA either), not {args.data_parallel}")
     ema = make_ema(model) if args.ema else None
-    optimizer = make_adamw(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
     scaler = make_grad_scaler(device, args.mixed_precision)
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     logger.info(f"{args.gpt_model} ({args.strategy}): {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -174,11 +180,16 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
 
     # Resume ---------------------------------------------------------------------------------
     steps, data_pos = 0, 0
+    ckpt_loaded = ckpt is not None
     if ckpt is not None:
         strategy.load_official(model, ckpt["model"], what=f"resume checkpoint {resume_path}")
         if ema is not None:
             strategy.load_official(ema, ckpt["ema"], what=f"resume checkpoint {resume_path} (ema)")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        saved_parallel = ckpt["args"].get("data_parallel", "ddp")
+        if is_sharded(saved_parallel) != is_sharded(args.data_parallel):
+            raise CheckpointError(f"{resume_path} was written with --data-parallel {saved_parallel}; its optimizer "
+                                  f"state only resumes in the same family: pass --data-parallel {saved_parallel}")
+        optimizer_state = ckpt["optimizer"]
         scaler.load_state_dict(ckpt["scaler"])
         guard.load_state_dict(ckpt["nonfinite"])
         steps, data_pos = int(ckpt["steps"]), int(ckpt["data_pos"])
@@ -191,8 +202,14 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         del ckpt
 
     raw_model = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(model, args.data_parallel, world, device, args.mixed_precision, args.grad_precision)
+    if is_sharded(args.data_parallel):
+        raw_model = model  # sharded in place; its state dicts are gathered collectively
+        logger.info(f"FSDP ({args.data_parallel}): every transformer block sharded over {world} rank(s)")
+    optimizer = make_adamw(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    if ckpt_loaded:
+        load_optimizer_state(model, optimizer, optimizer_state, args.data_parallel)
+        del optimizer_state
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     if compile_on:
         logger.info("compiling the model with torch.compile")
@@ -215,6 +232,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         loader = iter(DataLoader(data, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
                                  pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
         for _ in range(start_batch, steps_per_epoch):
+            stage_metrics = strategy.on_step(data_pos, steps_per_epoch, optimizer)  # e.g. NPP's patch stage and lr
             finite = True
             for micro in range(accum):
                 codes, labels = next(loader)
@@ -222,7 +240,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
                 if not finite:
                     continue  # consume the rest of a skipped step's micro-batches
                 gen = step_generator(args.global_seed, rank, data_pos * accum + micro, device)
-                sync = model.no_sync() if (world > 1 and micro < accum - 1) else contextlib.nullcontext()
+                sync = gradient_sync(model, args.data_parallel, enabled=micro == accum - 1)
                 with sync:
                     with autocast_context(device, args.mixed_precision):
                         loss = strategy.training_loss(model, codes, labels, generator=gen)
@@ -239,7 +257,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
                 optimizer.zero_grad(set_to_none=True)
                 continue
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+            grad_norm = clip_grad_norm(raw_model, args.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -254,15 +272,18 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
                 metrics.write(steps, {"train/loss": avg, "train/tokens_per_s": tok_s,
                                       "train/lr": optimizer.param_groups[0]["lr"],
                                       "train/grad_norm": float(grad_norm), "train/nonfinite_steps": guard.total,
-                                      "train/epoch": data_pos / steps_per_epoch})
+                                      "train/epoch": data_pos / steps_per_epoch,
+                                      **{f"train/{k}": v for k, v in stage_metrics.items()}})
                 bar.set_postfix(loss=f"{avg:.4f}")
                 running_loss.zero_()
                 running_n = 0
 
             if steps % args.ckpt_every == 0 or steps == total_steps:
                 rng = gather_rng_states()
+                model_state = model_state_dict(raw_model, args.data_parallel)  # collective under FSDP
+                optimizer_state = optimizer_state_dict(raw_model, optimizer, args.data_parallel)
                 if rank == 0:
-                    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    state = {"model": model_state, "optimizer": optimizer_state,
                              "scaler": scaler.state_dict(), "steps": steps, "data_pos": data_pos,
                              "epoch": data_pos / steps_per_epoch, "args": vars(args), "rng": rng,
                              "nonfinite": guard.state_dict(), "class_to_idx": data.class_to_idx,
@@ -323,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--global-batch-size", type=int, default=256, help="batch over all ranks and micro-steps")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--data-parallel", type=str, default="ddp", choices=list(PARALLEL_MODES),
+                   help="ddp, or FSDP for XXL/3B: fsdp = FULL_SHARD, sdp = SHARD_GRAD_OP, hsdp = HYBRID_SHARD")
+    p.add_argument("--grad-precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],
+                   help="FSDP gradient reduction dtype (default fp32)")
     p.add_argument("--mixed-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="autocast dtype on CUDA (CPU runs float32)")
     p.add_argument("--max-nonfinite-steps", type=int, default=10,

@@ -1,0 +1,223 @@
+"""`arpg`: randomized parallel decoding with target-aware queries (arXiv 2503.10568; `specs/arpg.md`).
+
+Schedule: `order` = a uniformly random permutation of the grid, group sizes from the `arccos` or
+`cosine` step schedule over `--step` steps (`sample/schedules.py`). Training draws one random order
+per sample from the driver's generator and predicts every token in that order under causal masks
+(the model does the shuffling). Sampling runs the shared KV-cached loop
+`sample/group_decode.py:decode_in_groups`; one step feeds the tokens of the previous group (the
+class token at step 0) and asks one query per target of the next group.
+
+Differences from the official sampler, on purpose (spec section 8, "free to choose"):
+* `--top-k` / `--top-p` are applied (officially ignored by the DDP sampler, and top-p < 1 crashes);
+* a `--step` larger than the number of tokens is refused (officially a crash);
+* with a per-row sampler (`RowRNG`, what the sampling drivers pass) every image draws its own order,
+  so an image does not depend on its batch-mates; with a `torch.Generator` the batch shares one
+  order, as officially;
+* cfg_scale 1 runs no unconditional half (officially computed and then weighted by 0).
+Editing (inpainting / outpainting / class-conditional editing, spec 3.3): the known tokens are fed
+with the class token at step 0 and the schedule runs over the unknown tokens only.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from autoregressive.models.arpg import ARPG, ARPG_SIZES, build_arpg
+from autoregressive.sample.group_decode import decode_in_groups
+from autoregressive.sample.logits import Generator, cfg_labels, check_cfg_scale
+from autoregressive.sample.row_rng import RowRNG
+from autoregressive.sample.schedules import check_steps, group_sizes, schedule_names
+from autoregressive.strategies.base import TrainingBatch
+from autoregressive.strategies.raster import RasterStrategy
+
+#: CFG scale of a step from (guidance g, tokens known after the step, tokens generated in all).
+CFG_SCHEDULES = {
+    "linear": lambda g, known, total: 1.0 + (g - 1.0) * known / total,  # reaches g at the last step
+    "constant": lambda g, known, total: g,
+}
+DEFAULT_STEPS = 64  # the official evaluation commands' --step
+
+
+def random_order(positions: torch.Tensor, batch_size: int, generator: Generator | None) -> torch.Tensor:
+    """A uniformly random order of `positions` (M,): (M,) shared by the batch from a torch.Generator
+    (the official `rand(M).argsort()`), or (B, M), one per row, from a per-row sampler."""
+    if generator is None:
+        raise ValueError("ARPG generates in a random order: pass a generator (also for temperature 0)")
+    m = positions.shape[0]
+    if isinstance(generator, torch.Generator):
+        perm = torch.rand(m, generator=generator, device=generator.device).argsort()  # (M,)
+    elif isinstance(generator, RowRNG):
+        if generator.seeds.shape[0] != batch_size:
+            raise ValueError(f"the per-row sampler has {generator.seeds.shape[0]} rows for {batch_size} images")
+        perm = generator.uniform((m,)).argsort(dim=-1)  # (B, M)
+    else:
+        raise TypeError(f"cannot draw a random order from a {type(generator).__name__}")
+    return positions[perm.to(positions.device)]
+
+
+class ArpgStrategy(RasterStrategy):
+    """ARPG; loading (official layouts, strict keys, our checkpoints) is raster's."""
+
+    name = "arpg"
+    model_sizes = ARPG_SIZES
+
+    def __init__(self, sample_schedule: str = "arccos", cfg_schedule: str = "linear"):
+        # The official sampler defaults until `configure` reads the flags.
+        self.sample_schedule, self.cfg_schedule = sample_schedule, cfg_schedule
+        self._check_schedules()
+
+    # -- flags ------------------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--sample-schedule", type=str, default="arccos", choices=schedule_names(),
+                           help="arpg: tokens per step over --step steps (official README: arccos; model zoo: cosine)")
+        # LPD's official flags also have a linear/constant --cfg-schedule: whichever strategy
+        # registers first adds it, and both read the same value.
+        if "--cfg-schedule" not in group._option_string_actions:
+            group.add_argument("--cfg-schedule", type=str, default="linear", choices=list(CFG_SCHEDULES),
+                               help="linear ramps the CFG scale from ~1 to --cfg-scale with the tokens known; "
+                                    "constant uses --cfg-scale throughout")
+
+    def configure(self, args: argparse.Namespace) -> None:
+        """Read `--sample-schedule` / `--cfg-schedule`; refuse a `--step` above the token count
+        and `--cfg-interval` (ARPG has none)."""
+        self.sample_schedule = getattr(args, "sample_schedule", self.sample_schedule)
+        self.cfg_schedule = getattr(args, "cfg_schedule", self.cfg_schedule)
+        self._check_schedules()
+        steps = getattr(args, "steps", None)
+        if steps is not None and hasattr(args, "image_size"):
+            check_steps((args.image_size // args.downsample_size) ** 2, steps)
+        if getattr(args, "cfg_interval", -1) != -1:
+            raise ValueError("arpg has no --cfg-interval: use --cfg-schedule linear or constant")
+
+    def _check_schedules(self) -> None:
+        if self.sample_schedule not in schedule_names():
+            raise ValueError(f"unknown --sample-schedule {self.sample_schedule!r}; "
+                             f"known: {', '.join(schedule_names())}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"unknown --cfg-schedule {self.cfg_schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def build_model(self, gpt_model: str, **config: Any) -> ARPG:
+        return build_arpg(gpt_model, **config)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def training_batch(self, codes: torch.Tensor, labels: torch.Tensor,
+                       generator: torch.Generator | None = None) -> TrainingBatch:
+        """One uniformly random order per sample (official `rand(B, N).argsort(1)`), drawn from
+        `generator`; the model feeds the class + the first N - 1 tokens of the order and predicts
+        all N (logits in order layout)."""
+        device = generator.device if generator is not None else codes.device
+        orders = torch.rand(codes.shape, generator=generator, device=device).argsort(dim=1).to(codes.device)
+        return TrainingBatch(inputs={"idx": codes, "cond": labels, "orders": orders}, targets=codes,
+                             extras={"orders": orders})
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def cfg_scales(self, cfg_scale: float, sizes: list[int]) -> list[float]:
+        """The CFG scale of every step; linear counts the tokens known after the step (official)."""
+        total, known, out = sum(sizes), 0, []
+        for g in sizes:
+            known += g
+            out.append(CFG_SCHEDULES[self.cfg_schedule](cfg_scale, known, total))
+        return out
+
+    def _check_call(self, model: ARPG, labels: torch.Tensor, cfg_scale: float, temperature: float) -> None:
+        if model.training:
+            raise ValueError("generate needs the model in eval mode (call model.eval())")
+        check_cfg_scale(cfg_scale)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.check_labels(labels, model.num_classes)
+
+    @torch.no_grad()
+    def generate(self, model: ARPG, labels: torch.Tensor, *, cfg_scale: float = 1.0,
+                 cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, steps: int | None = None,
+                 generator: Generator | None = None,
+                 record_logits: list | None = None) -> torch.Tensor:
+        """Sample (B, N) raster token ids (int64) for labels (B,) in `steps` steps (default
+        min(64, N)); a random order from `generator` (required, also for temperature 0).
+        `record_logits` receives per step the (B, G, V) logits after CFG (generation order)."""
+        self._check_call(model, labels, cfg_scale, temperature)
+        if cfg_interval != -1:
+            raise ValueError("arpg has no cfg_interval: use the linear or constant CFG schedule")
+        n = model.config.block_size
+        sizes = group_sizes(self.sample_schedule, n, min(DEFAULT_STEPS, n) if steps is None else steps)
+        device = model.embeddings.weight.device
+        order = random_order(torch.arange(n, device=device), labels.shape[0], generator)
+        return self.decode(model, labels, order, sizes, cfg_scale=cfg_scale, temperature=temperature,
+                           top_k=top_k, top_p=top_p, generator=generator, record_logits=record_logits)
+
+    @torch.no_grad()
+    def edit(self, model: ARPG, labels: torch.Tensor, known_tokens: torch.Tensor,
+             known_mask: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, steps: int | None = None,
+             generator: Generator | None = None, record_logits: list | None = None) -> torch.Tensor:
+        """Keep `known_tokens` (B, N) where `known_mask` (N,) or (grid, grid) is True; generate the
+        rest for `labels` (B,) in a random order over `steps` steps (default min(64, unknown))."""
+        self._check_call(model, labels, cfg_scale, temperature)
+        n, device = model.config.block_size, model.embeddings.weight.device
+        if known_mask.dtype != torch.bool or known_mask.numel() != n:
+            grid = model.config.grid_size
+            raise ValueError(f"the mask must be a boolean tensor of {n} cells ({grid} x {grid} tokens), "
+                             f"got {known_mask.dtype} of shape {tuple(known_mask.shape)}")
+        if known_tokens.shape != (labels.shape[0], n):
+            raise ValueError(f"known_tokens must be (B, N) = ({labels.shape[0]}, {n}), got {tuple(known_tokens.shape)}")
+        known_mask = known_mask.reshape(n).to(device)
+        known = known_mask.nonzero().squeeze(1)  # (M,) raster order
+        unknown = (~known_mask).nonzero().squeeze(1)  # (N_u,)
+        if unknown.numel() == 0:
+            raise ValueError("the mask leaves nothing to generate: every token is known")
+        n_u = unknown.numel()
+        sizes = group_sizes(self.sample_schedule, n_u, min(DEFAULT_STEPS, n_u) if steps is None else steps)
+        order = random_order(unknown, labels.shape[0], generator)
+        return self.decode(model, labels, order, sizes, known_positions=known,
+                           known_tokens=known_tokens.to(device)[:, known], cfg_scale=cfg_scale,
+                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                           record_logits=record_logits)
+
+    def decode(self, model: ARPG, labels: torch.Tensor, order: torch.Tensor, sizes: list[int], *,
+               known_positions: torch.Tensor | None = None, known_tokens: torch.Tensor | None = None,
+               cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: Generator | None = None, record_logits: list | None = None) -> torch.Tensor:
+        """Run a given schedule: `order` (N_u,) or (B, N_u) raster positions in generation order,
+        `sizes` tokens per step; the known tokens (B, M) at `known_positions` (M,) are context.
+
+        Cache slots: 0 = class, 1..M = known tokens, then the groups in order (the last group is
+        never fed). Step 0 feeds `[class ; known]`, step g > 0 the tokens of group g - 1.
+        """
+        device = model.embeddings.weight.device
+        n = model.config.block_size
+        labels, order = labels.to(device), order.to(device)
+        b = labels.shape[0]
+        cond = cfg_labels(labels, model.num_classes, cfg_scale)  # (B' = 2B with CFG, else B); C = null
+        reps = cond.shape[0] // b
+        first_ids = model.condition_ids(cond)  # (B', 1)
+        first_rows = torch.zeros(1, dtype=torch.long, device=device)  # RoPE row 0: the class token
+        if known_positions is not None and known_positions.numel():
+            first_ids = torch.cat([first_ids, known_tokens.repeat(reps, 1)], dim=1)  # (B', 1 + M)
+            first_rows = torch.cat([first_rows, known_positions.to(device) + 1])  # (1 + M,)
+        cache = model.new_cache(cond.shape[0], max_len=first_ids.shape[1] + order.shape[-1] - sizes[-1])
+        scales = self.cfg_scales(cfg_scale, sizes)
+        filled = [0]  # cache slots written so far
+
+        def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None,
+                 next_pos: torch.Tensor) -> torch.Tensor:
+            ids, rows = (first_ids, first_rows) if g == 0 else (prev, prev_pos + 1)
+            slots = torch.arange(filled[0], filled[0] + ids.shape[1], device=device)
+            filled[0] += ids.shape[1]
+            return model.decode_step(ids, rows, next_pos + 1, cache, slots)  # (B', G, V)
+
+        tokens = decode_in_groups(step, order, sizes, b, cfg_scale=cfg_scale,
+                                  cfg_scale_at=lambda g, pos, idx: scales[g], temperature=temperature,
+                                  top_k=top_k, top_p=top_p, generator=generator,
+                                  record_logits=record_logits, num_tokens=n)
+        if known_positions is not None and known_positions.numel():
+            tokens[:, known_positions] = known_tokens
+        return tokens

@@ -1,0 +1,420 @@
+"""`lpd`: locality-aware parallel decoding (arXiv 2507.01957; `specs/lpd.md`).
+
+Schedule: order = a locality-aware order (`sample/lpd_order.py`: generated on the fly from each
+image's seed, or read from an order file), a uniformly random one, or raster; group sizes = the
+official table for the grid and `--steps` (20 / 32 at 256 px, 48 at 512 px, ...), an explicit
+`--group-sizes` list, or `--group-schedule cosine` for grids without a table.
+Training (spec 4.2): one schedule drawn per step from the grid's training list, one uniformly
+random order per sample and label dropout to `fake_latent`, all from the driver's generator; the
+model predicts every token from the position queries of its group (`models/lpd.py`).
+Sampling (spec 3.2 / 6) runs the shared loop `sample/group_decode.py:decode_in_groups`: step g
+feeds the tokens sampled at step g - 1 (the class slot at g = 0) plus the queries of group g,
+under the block-causal mask, with CFG `linear` (scale 1 + (cfg - 1) t / N for the token of order
+index t) or `constant`.
+
+Differences from the official code, on purpose: orders and label dropout come from explicit
+generators (the official `np.random.shuffle` / `torch.rand` / unseeded order files are not
+reproducible); with a per-row sampler every image draws its own order (an image does not depend on
+its batch-mates); an order file's row for an image is drawn from the image's seed (officially
+image k takes row k); cfg_scale 1 runs no unconditional half; a scale below 1 is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from autoregressive.models.lpd import (LPD, LPD_SIZES, block_causal_mask, build_lpd, interpolate_pos_embed)
+from autoregressive.models.official import read_gpt_checkpoint
+from autoregressive.sample.group_decode import decode_in_groups
+from autoregressive.sample.logits import Generator, cfg_enabled, check_cfg_scale
+from autoregressive.sample.lpd_order import (GROUP_SIZES_LOOKUP, OFFICIAL_REPULSION, check_group_sizes, cosine_group_sizes, load_orders,
+                                             lookup_group_sizes, orders_for_seeds, training_group_sizes)
+from autoregressive.sample.row_rng import RowRNG
+from autoregressive.strategies.base import Strategy, TrainingBatch
+from utils.checkpoint import CheckpointError, load_state_dict_strict
+
+ORDERS = ("lpd", "random", "raster")  # or a path to an order file
+CFG_SCHEDULES = ("linear", "constant")
+#: Steps when `--steps` is not given: the official evaluation settings; other grids: one token per step.
+DEFAULT_STEPS = {16: 20, 32: 48}
+#: The official factory names (`--model` of the official main.py) -> our sizes.
+OFFICIAL_MODELS = {"lpd_l": "LPD-L", "lpd_xl": "LPD-XL", "lpd_xxl": "LPD-XXL"}
+
+
+def lpd_model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """The training / sampling drivers' GPT keyword arguments -> `LPDConfig` fields.
+
+    `class_dropout_prob` is LPD's `label_drop_prob`, `--dropout-p` (resid / FFN) its
+    `proj_dropout`. The official LPD has no input-token dropout and no stochastic depth:
+    `token_dropout_p` does not apply and is dropped; a `drop_path_rate` > 0 is refused.
+    """
+    config = dict(config)
+    if config.pop("cls_token_num", 1) != 1:
+        raise ValueError("LPD has exactly one class slot (cls_token_num = 1)")
+    if config.pop("drop_path_rate", 0.0):
+        raise ValueError("LPD has no stochastic depth: --drop-path-rate must be 0")
+    config.pop("token_dropout_p", None)
+    if "class_dropout_prob" in config:
+        config["label_drop_prob"] = config.pop("class_dropout_prob")
+    resid, ffn = config.pop("resid_dropout_p", None), config.pop("ffn_dropout_p", None)
+    if resid is not None and ffn is not None and resid != ffn:
+        raise ValueError(f"LPD has one projection dropout: resid {resid} and ffn {ffn} dropouts differ")
+    if resid is not None or ffn is not None:
+        config["proj_dropout"] = resid if resid is not None else ffn
+    return config
+
+
+class LpdStrategy(Strategy):
+    """LPD; the model is `autoregressive/models/lpd.py:LPD`."""
+
+    name = "lpd"
+    model_sizes = LPD_SIZES
+
+    def __init__(self) -> None:
+        # The official sampler's defaults until `configure` reads the flags.
+        self.order = "lpd"
+        self.cfg_schedule = "linear"
+        self.group_sizes: list[int] | None = None  # --group-sizes
+        self.group_schedule: str | None = None  # --group-schedule
+        self.proximity = 1.0
+        self.repulsion: float | None = None  # None: the official setting of the grid / steps, else 1.0
+        self.train_schedules: list[list[int]] | None = None  # --group-sizes-list
+        self.label_drop_prob = 0.1  # the model's, set by build_model
+        self._order_file: tuple[np.ndarray, list[int] | None] | None = None
+
+    # -- flags ------------------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--order", type=str, default="lpd",
+                           help="lpd: generation order: lpd (locality-aware, generated per image from its seed), "
+                                "random, raster, or an order file (JSON from scripts/autoregressive/lpd_orders.sh "
+                                "or the official lpd_orders_generated/*.json)")
+        group.add_argument("--group-sizes", type=str, default=None,
+                           help="lpd: tokens per step as a JSON list summing to the token count (official "
+                                "--group_sizes); default: the official table for the grid and --steps")
+        group.add_argument("--group-schedule", type=str, default=None, choices=["cosine"],
+                           help="lpd: group sizes for a --steps the official table lacks (e.g. small grids)")
+        group.add_argument("--proximity-threshold", type=float, default=1.0,
+                           help="lpd order: a cell qualifies when its generated neighbours' 1/distance sum reaches this")
+        group.add_argument("--repulsion-threshold", type=float, default=None,
+                           help="lpd order: cells of one group lie farther apart than this (Chebyshev); "
+                                "default: the official setting (2.0 at 256 px / 20 and 32 steps, 4.0 at 512 px / 48), else 1.0")
+        group.add_argument("--group-sizes-list", type=str, default=None,
+                           help="lpd training: JSON file with the schedules one is drawn from per step (official "
+                                "--group_sizes_list); default: the official list of the grid")
+
+    def configure(self, args: argparse.Namespace) -> None:
+        """Read the flags; check the order file against the grid and that `--steps` has a schedule."""
+        self.order = getattr(args, "order", self.order)
+        self.cfg_schedule = getattr(args, "cfg_schedule", self.cfg_schedule)  # the drivers' --cfg-schedule
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"lpd: unknown --cfg-schedule {self.cfg_schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
+        if getattr(args, "cfg_interval", -1) != -1:
+            raise ValueError("lpd has no --cfg-interval: use --cfg-schedule linear or constant")
+        self.proximity = getattr(args, "proximity_threshold", self.proximity)
+        self.repulsion = getattr(args, "repulsion_threshold", self.repulsion)
+        self.group_schedule = getattr(args, "group_schedule", self.group_schedule)
+        text = getattr(args, "group_sizes", None)
+        if text is not None:
+            try:
+                self.group_sizes = [int(g) for g in json.loads(text)]
+            except (ValueError, TypeError):
+                raise ValueError(f"--group-sizes must be a JSON list of integers, got {text!r}") from None
+        path = getattr(args, "group_sizes_list", None)
+        if path is not None:
+            self.train_schedules = [list(s) for s in json.loads(Path(path).read_text())]
+        if not hasattr(args, "image_size"):
+            return
+        n = (args.image_size // args.downsample_size) ** 2
+        if self.train_schedules is not None:
+            for s in self.train_schedules:
+                check_group_sizes(s, n, what=f"a schedule of --group-sizes-list {path}")
+        if self.order not in ORDERS:
+            if not os.path.isfile(self.order):
+                raise ValueError(f"--order must be one of {', '.join(ORDERS)} or an order file; {self.order!r} is neither")
+            self._order_file = load_orders(self.order, math.isqrt(n))
+        if "steps" in vars(args):  # sampling: resolve the schedule now, so a bad one fails before loading
+            self.schedule_sizes(n, args.steps)
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def build_model(self, gpt_model: str, **config: Any) -> LPD:
+        model = build_lpd(gpt_model, **lpd_model_kwargs(config))
+        self.label_drop_prob = model.config.label_drop_prob
+        return model
+
+    def load_official(self, model: LPD, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+        """Strict load; a `pos_embed` of another square grid is bicubic-resized first (official
+        `interpolate_pos_embed`, e.g. a 512 px model started from a 256 px checkpoint)."""
+        pe = state_dict.get("pos_embed")
+        if pe is not None and pe.dim() == 3 and pe.shape != model.pos_embed.shape and pe.shape[-1] == model.pos_embed.shape[-1]:
+            n_old, n_new = pe.shape[1] - 1, model.pos_embed.shape[1] - 1
+            if math.isqrt(n_old) ** 2 == n_old and math.isqrt(n_new) ** 2 == n_new:
+                state_dict = {**state_dict, "pos_embed": interpolate_pos_embed(pe, n_new)}
+        load_state_dict_strict(model, state_dict, what=what)
+
+    def load_model(self, path: str | os.PathLike, gpt_model: str | None = None, *,
+                   prefer_ema: bool = False, map_location: str | torch.device = "cpu",
+                   **config: Any) -> LPD:
+        """An official release (`{'model': ..., 'args': Namespace}`, no EMA) or our checkpoint.
+
+        The size comes from the recorded args (official `--model lpd_l`, ours `gpt_model`) or the
+        caller; a checkpoint of another size fails the strict load, naming the mis-shaped keys.
+        """
+        weights, args = read_gpt_checkpoint(path, prefer_ema=prefer_ema, map_location=map_location)
+        what = f"LPD checkpoint {path}"
+        recorded = None
+        if args is not None:
+            if args.get("strategy", "lpd") != "lpd":
+                raise CheckpointError(f"{what} was trained with --strategy {args['strategy']}, not lpd")
+            recorded = args.get("gpt_model") or OFFICIAL_MODELS.get(str(args.get("model")))
+        if recorded is not None and gpt_model is not None and recorded != gpt_model:
+            raise CheckpointError(f"{what} holds an {recorded} model, but --gpt-model {gpt_model} was asked for")
+        gpt_model = recorded or gpt_model
+        if gpt_model is None:
+            raise CheckpointError(f"{what} records no model size; pass --gpt-model ({', '.join(LPD_SIZES)})")
+        if gpt_model not in LPD_SIZES:
+            raise CheckpointError(f"{what}: {gpt_model!r} is not an LPD size ({', '.join(LPD_SIZES)})")
+        model = self.build_model(gpt_model, **config)
+        self.load_official(model, weights, what=f"{what} (as {gpt_model})")
+        return model.eval()
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def training_batch(self, codes: torch.Tensor, labels: torch.Tensor,
+                       generator: torch.Generator | None = None) -> TrainingBatch:
+        """One schedule for the batch (official `random.choice` of the training list), one uniform
+        order per sample, label dropout with `label_drop_prob`; all drawn from `generator`."""
+        b, n = codes.shape
+        device = generator.device if generator is not None else codes.device
+        schedules = self.train_schedules or training_group_sizes(math.isqrt(n))
+        pick = int(torch.randint(len(schedules), (1,), generator=generator, device=device))
+        orders = torch.rand(b, n, generator=generator, device=device).argsort(dim=1).to(codes.device)
+        drop = (torch.rand(b, generator=generator, device=device) < self.label_drop_prob).to(codes.device)
+        sizes = check_group_sizes(schedules[pick], n, what="the training schedule")
+        return TrainingBatch(inputs={"codes": codes, "labels": labels, "orders": orders, "group_sizes": sizes,
+                                     "drop": drop}, targets=codes, extras={"orders": orders, "group_sizes": sizes})
+
+    # -- schedules --------------------------------------------------------------------------------
+
+    def schedule_sizes(self, num_tokens: int, steps: int | None) -> list[int]:
+        """Group sizes for `num_tokens` tokens: `--group-sizes`, the official table, the order
+        file's, or `--group-schedule`; anything unresolvable is a ValueError saying what to pass."""
+        grid = math.isqrt(num_tokens)
+        if self.group_sizes is not None:
+            sizes = check_group_sizes(self.group_sizes, num_tokens, what="--group-sizes")
+            if steps is not None and steps != len(sizes):
+                raise ValueError(f"--steps {steps} contradicts --group-sizes, which has {len(sizes)} steps")
+            return sizes
+        file_sizes = self._order_file[1] if self._order_file is not None else None
+        if steps is None and file_sizes is not None:
+            return list(file_sizes)
+        if steps is None:
+            steps = DEFAULT_STEPS.get(grid, num_tokens) if grid * grid == num_tokens else num_tokens
+        sizes = lookup_group_sizes(grid, steps) if grid * grid == num_tokens else None
+        if sizes is None and steps == num_tokens:  # one token per step needs no table
+            sizes = [1] * num_tokens
+        if sizes is None and self.group_schedule == "cosine":
+            sizes = cosine_group_sizes(num_tokens, steps)
+        if sizes is None:
+            known = sorted(GROUP_SIZES_LOOKUP.get(grid, {}))
+            raise ValueError(f"no group sizes for {steps} steps over {num_tokens} tokens: the official table has "
+                             f"{known or 'no entries'} for a {grid}x{grid} grid; pass --group-sizes or "
+                             f"--group-schedule cosine")
+        if file_sizes is not None and file_sizes != sizes:
+            raise ValueError(f"the order file {self.order} was generated for group sizes {file_sizes}, "
+                             f"but --steps {steps} gives {sizes}")
+        return sizes
+
+    def repulsion_for(self, grid: int, steps: int) -> float:
+        if self.repulsion is not None:
+            return self.repulsion
+        return OFFICIAL_REPULSION.get((grid, steps), 1.0)
+
+    def orders(self, batch_size: int, sizes: list[int], generator: Generator | None,
+               device: torch.device, cells: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M) generation orders of the M = len(cells) cells to generate (default: all N).
+
+        `known` (N,) bool marks cells that are context (editing): the locality-aware order then
+        grows from them. Random draws come from `generator` (per row for a `RowRNG`).
+        """
+        n = known.numel() if known is not None else sum(sizes)
+        grid = math.isqrt(n)
+        cells = torch.arange(n, device=device) if cells is None else cells.to(device)
+        if self.order == "raster":
+            return cells.expand(batch_size, -1)
+        if generator is None:
+            raise ValueError(f"--order {self.order} is drawn at random: pass a generator (also for temperature 0)")
+        u = _row_uniform(generator, batch_size, 1, device)[:, 0]  # (B,) one draw per image
+        if self.order == "random":
+            keys = _row_uniform(generator, batch_size, cells.numel(), device)  # (B, M)
+            return cells[keys.argsort(dim=1)]
+        if self.order == "lpd":
+            seeds = (u * 2.0 ** 53).long().tolist()
+            known_np = known.cpu().numpy() if known is not None else None
+            out = orders_for_seeds(sizes, grid, seeds, proximity_threshold=self.proximity,
+                                   repulsion_threshold=self.repulsion_for(grid, len(sizes)), known=known_np)
+            return torch.from_numpy(out).to(device)
+        table = torch.from_numpy(self._order_file_orders(n)).to(device)  # (R, N)
+        rows = table[(u * table.shape[0]).long().clamp_(max=table.shape[0] - 1)]  # (B, N)
+        if known is not None:  # keep the file's relative order of the cells to generate
+            keep = ~known.to(device)[rows]
+            rows = rows[keep].reshape(batch_size, -1)
+        return rows
+
+    def _order_file_orders(self, n: int) -> np.ndarray:
+        if self._order_file is None:
+            self._order_file = load_orders(self.order, math.isqrt(n))
+        if self._order_file[0].shape[1] != n:
+            raise ValueError(f"the order file {self.order} holds orders of {self._order_file[0].shape[1]} "
+                             f"tokens, but the model generates {n}")
+        return self._order_file[0]
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def decoding_steps(self, model: LPD, steps: int | None = None) -> int:
+        return len(self.schedule_sizes(model.config.block_size, steps))
+
+    @torch.no_grad()
+    def generate(self, model: LPD, labels: torch.Tensor, *, cfg_scale: float = 1.0,
+                 cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, steps: int | None = None,
+                 generator: Generator | None = None,
+                 record_logits: list | None = None) -> torch.Tensor:
+        """Sample (B, N) raster token ids for labels (B,) with the configured order and `steps`
+        (default: 20 at 16x16, 48 at 32x32, else N). `record_logits` receives per step the
+        (B, G, V) logits after CFG, in generation order."""
+        self._check_call(model, labels, cfg_scale, temperature)
+        if cfg_interval != -1:
+            raise ValueError("lpd has no cfg_interval: use the linear or constant CFG schedule")
+        n = model.config.block_size
+        sizes = self.schedule_sizes(n, steps)
+        order = self.orders(labels.shape[0], sizes, generator, model.pos_embed.device)
+        return decode_lpd(model, labels, order, sizes, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
+                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                          record_logits=record_logits)
+
+    @torch.no_grad()
+    def edit(self, model: LPD, labels: torch.Tensor, known_tokens: torch.Tensor,
+             known_mask: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, steps: int | None = None,
+             generator: Generator | None = None, record_logits: list | None = None) -> torch.Tensor:
+        """Keep `known_tokens` (B, N) where `known_mask` (N,) is True (context at step 0, one group
+        seen by every query); generate the rest in the configured order (locality-aware: grown from
+        the known cells) over `steps` cosine-schedule steps (default: N_unknown / N of the grid's
+        default step count, at least 1)."""
+        self._check_call(model, labels, cfg_scale, temperature)
+        n, device = model.config.block_size, model.pos_embed.device
+        if known_mask.dtype != torch.bool or known_mask.numel() != n:
+            raise ValueError(f"the mask must be a boolean tensor of {n} cells, got {known_mask.dtype} "
+                             f"of shape {tuple(known_mask.shape)}")
+        if known_tokens.shape != (labels.shape[0], n):
+            raise ValueError(f"known_tokens must be (B, N) = ({labels.shape[0]}, {n}), got {tuple(known_tokens.shape)}")
+        known_mask = known_mask.reshape(n).to(device)
+        unknown = (~known_mask).nonzero().squeeze(1)
+        if unknown.numel() == 0:
+            raise ValueError("the mask leaves nothing to generate: every token is known")
+        n_u = unknown.numel()
+        if steps is None:
+            steps = max(1, round(len(self.schedule_sizes(n, None)) * n_u / n))
+        sizes = cosine_group_sizes(n_u, min(steps, n_u)) if self.group_sizes is None else \
+            check_group_sizes(self.group_sizes, n_u, what="--group-sizes (editing: over the unknown tokens)")
+        order = self.orders(labels.shape[0], sizes, generator, device, cells=unknown, known=known_mask)
+        return decode_lpd(model, labels, order, sizes, known_tokens=known_tokens.to(device),
+                          known_mask=known_mask, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
+                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                          record_logits=record_logits)
+
+    def _check_call(self, model: LPD, labels: torch.Tensor, cfg_scale: float, temperature: float) -> None:
+        if model.training:
+            raise ValueError("generate needs the model in eval mode (call model.eval())")
+        check_cfg_scale(cfg_scale)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.check_labels(labels, model.num_classes)
+
+
+def _row_uniform(generator: Generator, batch_size: int, m: int, device: torch.device) -> torch.Tensor:
+    """(B, m) uniforms: per image from a `RowRNG`, else from a `torch.Generator`."""
+    if isinstance(generator, RowRNG):
+        if generator.seeds.shape[0] != batch_size:
+            raise ValueError(f"the per-row sampler has {generator.seeds.shape[0]} rows for {batch_size} images")
+        return generator.uniform((m,)).to(device)
+    if isinstance(generator, torch.Generator):
+        return torch.rand(batch_size, m, generator=generator, device=generator.device).to(device)
+    raise TypeError(f"cannot draw an order from a {type(generator).__name__}")
+
+
+@torch.no_grad()
+def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, group_sizes: Sequence[int], *,
+               known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+               cfg_scale: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, generator: Generator | None = None, record_logits: list | None = None,
+               record_head: list | None = None) -> torch.Tensor:
+    """Run one schedule with the KV cache (spec 3.2) -> (B, N) raster token ids.
+
+    Args:
+        labels: (B,) class ids, or None for unconditional generation (`fake_latent`).
+        order: (B, M) or (M,) raster cells in generation order; M = N, or the unknown cells when
+            `known_mask` (N,) marks context cells whose `known_tokens` (B, N) are kept.
+        cfg_schedule: `linear` scales the token of order index t by 1 + (cfg - 1) t / N (known
+            tokens count first when editing), `constant` by cfg.
+        record_head: if a list, receives per step the raw head logits (B', G, V) (parity).
+    Cache slots: 0 = class, then the known cells, then one per order index. Step g writes
+    `[prev ; queries of group g]` and attends under the block-causal mask over
+    `[1, (M_known,) g_1, ..., g_K]`; a query's K/V slot is overwritten by its token a step later.
+    """
+    device = model.pos_embed.device
+    n = model.config.block_size
+    b = order.shape[0] if labels is None else labels.shape[0]
+    sizes = [int(g) for g in group_sizes]
+    reps = 2 if cfg_enabled(cfg_scale) else 1
+    rows = model.class_rows(None if labels is None else labels.to(device), b)  # (B, D)
+    if reps == 2:
+        rows = torch.cat([rows, model.fake_latent.expand(b, -1).to(rows.dtype)])  # (2B, D): [cond ; null]
+    first = model.embed_class(rows)  # (B', 1, D)
+    blocks = [1] + sizes
+    n_known = 0
+    if known_mask is not None and bool(known_mask.any()):
+        cells = known_mask.nonzero().squeeze(1)  # (M_k,) raster
+        n_known = cells.numel()
+        ctx = model.embed_tokens(known_tokens[:, cells].to(device), cells)  # (B, M_k, D)
+        first = torch.cat([first, ctx.repeat(reps, 1, 1)], dim=1)  # (B', 1 + M_k, D)
+        blocks = [1, n_known] + sizes
+    mask = block_causal_mask(blocks, device=device)  # (L, L), L = 1 + M_k + M
+    bounds = [0, 1 + n_known]
+    for g in sizes:
+        bounds.append(bounds[-1] + g)
+    cache = model.new_cache(b * reps, max_len=bounds[-1])
+
+    def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None, next_pos: torch.Tensor) -> torch.Tensor:
+        x_prev = first if g == 0 else model.embed_tokens(prev, prev_pos)  # (B', P, D)
+        x = torch.cat([x_prev, model.embed_queries(next_pos, b * reps)], dim=1)  # (B', P + G, D)
+        slots = torch.arange(bounds[g], bounds[g + 2], device=device)
+        logits = model.decode_step(x, cache, slots, mask[slots], num_out=next_pos.shape[-1])  # (B', G, V)
+        if record_head is not None:
+            record_head.append(logits)
+        return logits
+
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown cfg schedule {cfg_schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
+
+    def linear_scale(g: int, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return 1 + (cfg_scale - 1) * (idx + n_known).float() / n  # (G,): one scale per token
+
+    scale_at = linear_scale if cfg_schedule == "linear" else None  # None: constant cfg_scale
+    tokens = decode_in_groups(step, order.to(device), sizes, b, cfg_scale=cfg_scale, cfg_scale_at=scale_at,
+                              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                              record_logits=record_logits, num_tokens=n)
+    if n_known:
+        tokens[:, known_mask] = known_tokens.to(device)[:, known_mask]
+    return tokens

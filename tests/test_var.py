@@ -1,0 +1,240 @@
+"""The `var` strategy on tiny models: the per-scale KV cache equals the block-causal full recompute,
+seeded sampling, bad input refused clearly, and a 2-rank torchrun training whose loss falls."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoregressive.models.var import VAR, build_var
+from autoregressive.sample.logits import combine_cfg
+from autoregressive.sample.row_rng import RowRNG
+from autoregressive.strategies.var import VarStrategy, lr_wd_factors
+from tokenizer.msvq import build_msvq, load_msvq, msvq_checkpoint
+from tokenizer.vq_model import VQ_models
+from utils.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+PN = (1, 2, 3)  # 48 px images, L = 14 tokens
+TOK = dict(vocab_size=16, z_channels=4, ch=8, norm_num_groups=4)
+
+
+def tiny_tokenizer(patch_nums=PN, **over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_msvq(**{**TOK, **over}, v_patch_nums=patch_nums).eval()
+
+
+def tiny_var(shared_aln: bool = False, patch_nums=PN, vocab_size: int = 16) -> VAR:
+    torch.manual_seed(1)
+    model = build_var(depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.0, shared_aln=shared_aln,
+                      patch_nums=patch_nums, num_classes=5, vocab_size=vocab_size, Cvae=4,
+                      init=dict(init_adaln_gamma=0.5))  # gammas of O(1): the blocks matter
+    return model.eval()
+
+
+def strategy_with(tokenizer) -> VarStrategy:
+    s = VarStrategy()
+    s.use_tokenizer(tokenizer)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache == full recompute
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_aln", [False, True], ids=["adaln", "shared-adaln"])
+def test_per_scale_kv_cache_equals_block_causal_recompute(shared_aln):
+    model, tok = tiny_var(shared_aln), tiny_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (3, 14), generator=g)
+    labels = torch.tensor([0, 4, 5])  # 5 = the null class
+    x = tok.quantize.ids_to_var_input(tok.split_ids(codes))  # (3, 13, 4)
+    with torch.no_grad():
+        full, _ = model(labels, x)  # (3, 14, 16)
+        cache = model.new_cache(3)
+        cached = [model.decode_step(si, labels, None if si == 0 else x[:, b - 1:e - 1], cache)
+                  for si, (b, e) in enumerate(model.begin_ends)]
+    torch.testing.assert_close(torch.cat(cached, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_aln", [False, True], ids=["adaln", "shared-adaln"])
+def test_generation_equals_full_recompute(shared_aln):
+    """Greedy guided generation with the KV cache = a loop that reruns the whole sequence with the
+    block-causal mask at every scale (later scales hold placeholder ids, which the mask hides)."""
+    model, tok = tiny_var(shared_aln), tiny_tokenizer()
+    strategy = strategy_with(tok)
+    labels, cfg_scale, sn = torch.tensor([1, 3]), 3.0, len(PN)
+    tokens, f_hat = strategy.sample(model, labels, cfg_scale=cfg_scale, temperature=0.0)
+    ref = torch.zeros(2, 14, dtype=torch.long)
+    both = torch.cat([labels, torch.full_like(labels, 5)])
+    with torch.no_grad():
+        for si, (b, e) in enumerate(model.begin_ends):
+            x = tok.quantize.ids_to_var_input(tok.split_ids(ref.repeat(2, 1)))
+            logits = model(both, x)[0][:, b:e]  # (4, G, V)
+            scale = 1 + (cfg_scale - 1) * si / (sn - 1)  # the first scale unguided: cond half alone
+            guided = combine_cfg(logits, scale) if si > 0 else logits[:2]
+            ref[:, b:e] = guided.argmax(-1)
+    assert torch.equal(tokens, ref)
+    torch.testing.assert_close(f_hat, tok.quantize.ids_to_fhat(tok.split_ids(ref)))
+
+
+def test_seeded_sampling_is_reproducible_and_more_smooth_decodes_soft_fhat():
+    model, tok = tiny_var(), tiny_tokenizer()
+    strategy = strategy_with(tok)
+    labels = torch.tensor([0, 2, 4])
+
+    def draw(seed, **kw):
+        return strategy.generate(model, labels, cfg_scale=2.5, top_k=8, top_p=0.9,
+                                 generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b, c = draw(7), draw(7), draw(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    rows = strategy.generate(model, labels, cfg_scale=2.5, generator=RowRNG(torch.tensor([3, 4, 5])))
+    rows_again = strategy.generate(model, labels[1:], cfg_scale=2.5, generator=RowRNG(torch.tensor([4, 5])))
+    assert torch.equal(rows[1:], rows_again)  # per-image streams: independent of batch-mates
+    smooth = draw(7, more_smooth=True)
+    soft_img = strategy.decode_tokens(tok, smooth, PN[-1])
+    hard_img = tok.ids_to_img(smooth)
+    assert soft_img.shape == (3, 3, 48, 48) and not torch.allclose(soft_img, hard_img)
+    assert torch.equal(strategy.decode_tokens(tok, a, PN[-1]), tok.ids_to_img(a))
+
+
+def test_training_loss_is_token_mean_cross_entropy_with_label_smoothing():
+    model, tok = tiny_var(), tiny_tokenizer()
+    strategy = strategy_with(tok)
+    strategy.label_smooth = 0.1
+    codes, labels = torch.randint(0, 16, (2, 14)), torch.tensor([1, 2])
+    loss = strategy.training_loss(model, codes, labels)
+    logits, _ = model(labels, tok.quantize.ids_to_var_input(tok.split_ids(codes)))
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), codes, label_smoothing=0.1,
+                                                  reduction="none")  # (B, L)
+    torch.testing.assert_close(loss, (per_token / 14).sum(-1).mean())
+    loss.backward()
+    assert model.head.weight.grad is not None
+
+
+def test_official_schedule():
+    # warm-up from wp0, flat for 5% of the rest, then linear to wpe; weight decay cosine twd -> twde
+    assert lr_wd_factors(0, 100, 10, 0.005, 0.1, "lin0", 0.05, 0.08) == (0.005, pytest.approx(0.05))
+    assert lr_wd_factors(10, 100, 10, 0.005, 0.1, "lin0", 0.05, 0.08)[0] == 1.0
+    assert lr_wd_factors(99, 100, 10, 0.005, 0.1, "lin0", 0.05, 0.08)[0] == pytest.approx(0.1, abs=0.02)
+    assert lr_wd_factors(99, 100, 10, 0.005, 0.1, "lin0", 0.05, 0.08)[1] == pytest.approx(0.08)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def var_args(**over) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    VarStrategy.add_arguments(p.add_argument_group("var"))
+    args = p.parse_args([])
+    for k, v in {**dict(gpt_model="GPT-B", image_size=48, pn="1_2_3", downsample_size=16), **over}.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_llamagen_tokenizer_is_refused(tmp_path):
+    vq = VQ_models["VQ-debug"](codebook_size=16, codebook_embed_dim=4)
+    strategy = VarStrategy()
+    with pytest.raises(TypeError, match="LlamaGen tokenizer cannot serve VAR"):
+        strategy.use_tokenizer(vq)
+    with pytest.raises(TypeError, match="multi-scale VQVAE"):
+        strategy.decode_tokens(vq, torch.zeros(1, 14, dtype=torch.long), 3)
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
+    with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
+        load_msvq(tmp_path / "vq.pt")
+    with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
+        VarStrategy().configure(var_args(vae_ckpt=str(tmp_path / "vq.pt")))
+
+
+@pytest.mark.parametrize("other", [dict(patch_nums=(1, 2, 4)), dict(vocab_size=32)],
+                         ids=["patch_nums", "vocabulary"])
+def test_var_checkpoint_with_other_tokenizer_is_refused(tmp_path, other):
+    torch.save(tiny_var().state_dict(), tmp_path / "var.pth")  # official layout: a flat state dict
+    strategy = strategy_with(tiny_tokenizer(**other))
+    what = "tokens per image" if "patch_nums" in other else "vocabulary"
+    with pytest.raises(CheckpointError, match=what):
+        strategy.load_model(tmp_path / "var.pth", num_classes=5, embed_dim=32, num_heads=2, depth=2)
+    ok = strategy_with(tiny_tokenizer())
+    model = ok.load_model(tmp_path / "var.pth", num_classes=5, embed_dim=32, num_heads=2, depth=2)
+    assert torch.equal(model.head.weight, tiny_var().head.weight)
+    with pytest.raises(ValueError, match="patch_nums"):
+        strategy_with(tiny_tokenizer((1, 2, 4))).sample(model, torch.tensor([0]), temperature=0.0)
+
+
+def test_image_size_that_patch_nums_do_not_fit_is_refused():
+    with pytest.raises(ValueError, match="does not fit patch_nums"):
+        VarStrategy.resolve_patch_nums("1_2_3", 64)
+    with pytest.raises(ValueError, match="does not fit patch_nums"):
+        VarStrategy().configure(var_args(image_size=256, pn="512"))
+    with pytest.raises(ValueError, match="no official patch_nums"):
+        VarStrategy.resolve_patch_nums(None, 96)
+    assert VarStrategy.resolve_patch_nums(None, 256) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    with pytest.raises(ValueError, match="encodes \\(B, 3, 48, 48\\) images"):
+        tiny_tokenizer().encode_to_indices(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="VAR-d16 has depth 16"):
+        VarStrategy().configure(var_args(gpt_model="VAR-d16", depth=20))
+
+
+def test_sampling_driver_loads_var_and_its_tokenizer(tmp_path):
+    """The shared sampler (`load_sampler` + `Sampler.images`, per-image RowRNG streams) with an
+    official-layout VAR file and our VQVAE checkpoint; a LlamaGen-layout file as --vq-ckpt is refused."""
+    from autoregressive.sample.common import add_sampling_args, load_sampler
+
+    torch.save(msvq_checkpoint(tiny_tokenizer()), tmp_path / "msvq.pt")
+    var = build_var(depth=1, patch_nums=PN, num_classes=10, vocab_size=16, Cvae=4)
+    torch.save(var.state_dict(), tmp_path / "var.pth")
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    argv = ["--strategy", "var", "--gpt-ckpt", str(tmp_path / "var.pth"), "--vq-ckpt", str(tmp_path / "msvq.pt"),
+            "--image-size", "48", "--pn", "1_2_3", "--depth", "1", "--num-classes", "10",
+            "--cfg-scale", "2.5", "--top-k", "8", "--top-p", "0.96"]
+    sampler = load_sampler(p.parse_args(argv), torch.device("cpu"))
+    images = sampler.images(torch.tensor([1, 2]), torch.tensor([10, 11]))
+    assert images.shape == (2, 3, 48, 48) and images.abs().max() <= 1
+    torch.save({"model": VQ_models["VQ-debug"](codebook_size=16).state_dict()}, tmp_path / "vq.pt")
+    argv[argv.index("--vq-ckpt") + 1] = str(tmp_path / "vq.pt")
+    with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
+        load_sampler(p.parse_args(argv), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the shared driver
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_ranks_learn(tmp_path):
+    """torchrun, 2 CPU ranks, official flag names (--depth --tblr --bs --ep --wpe): the loss falls."""
+    tok = tiny_tokenizer()
+    torch.save(msvq_checkpoint(tok), tmp_path / "msvq.pt")
+    codes = tmp_path / "codes"
+    (codes / "digits48_codes").mkdir(parents=True)
+    (codes / "digits48_labels").mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for k in range(96):
+        y = k % 10
+        base = (y * 3 + np.arange(14)) % 16
+        views = np.stack([base, (base + rng.randint(0, 2, 14)) % 16])[None]
+        np.save(codes / "digits48_codes" / f"{k}.npy", views.astype(np.int64))
+        np.save(codes / "digits48_labels" / f"{k}.npy", np.array([y], dtype=np.int64))
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 1000),
+           "autoregressive/train/train_c2i.py", "--strategy", "var", "--code-path", str(codes),
+           "--dataset", "digits", "--image-size", "48", "--pn", "1_2_3", "--vae-ckpt", str(tmp_path / "msvq.pt"),
+           "--vocab-size", "16", "--num-classes", "10", "--depth", "2", "--alng", "1e-3",
+           "--dropout-p", "0", "--token-dropout-p", "0", "--bs", "16", "--ep", "6", "--tblr", "0.1",
+           "--wpe", "0.1", "--num-workers", "0", "--log-every", "3", "--ckpt-every", "100",
+           "--results-dir", str(tmp_path / "results"), "--device", "cpu"]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve = [float(line.split("train/loss ")[1].split(",")[0]) for line in res.stderr.splitlines()
+             if "train/loss " in line]
+    assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
