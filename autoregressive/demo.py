@@ -54,11 +54,15 @@ DEFAULT_RUN = dict(gpt_model=None, gpt_steps=None, lr=1e-3, train_flags=(), cfg_
 DEMO_RUNS: dict[str, list[dict]] = {
     "raster": [{}],
     "par": [dict(label="par-4x")],  # 8x8 grid, 4 regions: 16 + 3 = 19 steps
+    # patches of 4, then single tokens, over the same epochs as raster (NPP's claim: less compute)
+    "npp": [dict(train_flags=("--patch-level", "2", "--epoch-rate", "0.5", "--scheduler", "--warmup-epochs", "1"))],
     "arpg": [dict(gpt_model="ARPG-debug", steps=16, label="arpg-16"),
-             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8")],
+             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8"),
+             # any schedule on any order-capable model: the ARPG model with LPD's locality-aware orders
+             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8-lpd-order", sample_flags=("--order", "lpd"))],
     # no official step table for an 8x8 grid: cosine group sizes
-    "lpd": [dict(gpt_model="LPD-debug", steps=16, label="lpd-16", sample_flags=("--group-schedule", "cosine")),
-            dict(gpt_model="LPD-debug", steps=8, label="lpd-8", sample_flags=("--group-schedule", "cosine"))],
+    "lpd": [dict(gpt_model="LPD-debug", steps=16, label="lpd-16", sample_flags=("--sample-schedule", "cosine")),
+            dict(gpt_model="LPD-debug", steps=8, label="lpd-8", sample_flags=("--sample-schedule", "cosine"))],
     "var": [],  # needs its own multi-scale tokenizer stage (not in the demo yet)
 }
 QUICK = dict(vq_steps=20, gpt_steps=20, per_class=2, classifier_epochs=1, extract_limit=None)
@@ -75,6 +79,23 @@ def demo_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
                 r["gpt_steps"] = args.gpt_steps
             runs.append(r)
     return runs
+
+
+def steps_per_epoch(batch_size: int) -> int:
+    """Optimizer steps per epoch of the digits' train split (the last partial batch is dropped)."""
+    from dataset.digits import load_digits_arrays
+    return max(len(load_digits_arrays("train")[1]) // batch_size, 1)
+
+
+def train_compute(run: dict, epochs: int) -> float:
+    """Training compute relative to raster next-token training for the same epochs (NPP: < 1)."""
+    if run["strategy"] != "npp":
+        return 1.0
+    from autoregressive.train.npp_schedule import patch_schedule, training_flops_fraction
+    flags = list(run["train_flags"])
+    level = int(flags[flags.index("--patch-level") + 1]) if "--patch-level" in flags else 2
+    rate = float(flags[flags.index("--epoch-rate") + 1]) if "--epoch-rate" in flags else 0.5
+    return training_flops_fraction(patch_schedule(level, epochs, rate))
 
 
 def gpt_folder_name(run: dict) -> str:
@@ -231,6 +252,9 @@ def stage_gpt(out: Path, run: dict, code_path: Path, args, logger):
     name, model = run["strategy"], run["gpt_model"]
     results = out / "gpt" / gpt_folder_name(run) / code_path.name
     steps = run["gpt_steps"]
+    # Whole epochs covering the step budget: schedules that depend on the epoch (NPP's patch
+    # stages) then run their full course; --max-steps stops at the budget.
+    epochs = -(-steps // steps_per_epoch(args.gpt_batch_size))
     ckpt, partial = final_checkpoint(results, f"{model}-{name}", steps)
     if ckpt is not None:
         logger.info(f"reusing the {name} GPT {ckpt}")
@@ -238,7 +262,7 @@ def stage_gpt(out: Path, run: dict, code_path: Path, args, logger):
     argv = ["--strategy", name, "--gpt-model", model, "--code-path", str(code_path),
             "--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--downsample-size", str(DOWNSAMPLE),
             "--vocab-size", str(CODEBOOK_SIZE), "--num-classes", str(NUM_CLASSES), "--max-steps", str(steps),
-            "--epochs", "100000", "--global-batch-size", str(args.gpt_batch_size), "--lr", str(run["lr"]),
+            "--epochs", str(epochs), "--global-batch-size", str(args.gpt_batch_size), "--lr", str(run["lr"]),
             "--mixed-precision", "none", "--num-workers", "0", "--no-compile", "--results-dir", str(results),
             "--log-every", "50", "--ckpt-every", str(max(steps // 2, 1)), "--device", args.device,
             *run["train_flags"]]
@@ -332,7 +356,8 @@ def write_grid(path: Path, images: np.ndarray, per_class: int, grid_per_class: i
 
 
 def write_table(out: Path, rows: list[dict], real_row: dict, recon: dict, clf_acc: float) -> None:
-    cols = ["strategy", "gpt_model", "train_steps", "decoding_steps", "images_per_s", "class_accuracy",
+    cols = ["strategy", "gpt_model", "train_steps", "train_compute_vs_raster", "decoding_steps", "images_per_s",
+            "class_accuracy",
             "demo_fid", "num_images", "cfg_scale", "temperature", "top_k"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -340,10 +365,12 @@ def write_table(out: Path, rows: list[dict], real_row: dict, recon: dict, clf_ac
         for r in rows:
             w.writerow({k: r[k] for k in cols})
     lines = ["# Embedded demo results (digits, 32x32, CPU)", "",
-             "| strategy | GPT | train steps | decoding steps | images/s | class accuracy | demo FID* |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| strategy | GPT | train steps | train compute vs raster** | decoding steps | images/s | "
+             "class accuracy | demo FID* |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['gpt_model']} | {r['train_steps']} | {r['decoding_steps']} | "
+        lines.append(f"| {r['strategy']} | {r['gpt_model']} | {r['train_steps']} | "
+                     f"{r['train_compute_vs_raster']:.3f} | {r['decoding_steps']} | "
                      f"{r['images_per_s']:.1f} | {r['class_accuracy']:.1%} | {r['demo_fid']:.2f} |")
     lines += ["", f"Samples: {rows[0]['num_images'] if rows else 0} per strategy (class-balanced). "
               f"For reference, {real_row['num_images']} real train-split digits score class accuracy "
@@ -353,7 +380,9 @@ def write_table(out: Path, rows: list[dict], real_row: dict, recon: dict, clf_ac
               f"\\* **Demo FID, not Inception FID**: the Fréchet distance between the 128-d penultimate features "
               f"of a small CNN trained on the digits' train split (held-out accuracy {clf_acc:.1%}) for the "
               f"samples and for the 359 held-out real digits, computed with the evaluator's statistics code "
-              f"(`evaluations/c2i/statistics.py`). Not comparable with any published FID.", ""]
+              f"(`evaluations/c2i/statistics.py`). Not comparable with any published FID.", "",
+              "\\*\\* Training FLOPs relative to next-token training over the same epochs (NPP trains the "
+              "first stages on patches, `autoregressive/train/npp_schedule.py:training_flops_fraction`).", ""]
     (out / "results.md").write_text("\n".join(lines))
 
 
@@ -414,7 +443,9 @@ def main(args: argparse.Namespace) -> Path:
         images, labels = data["arr_0"], data["labels"]
         write_grid(out / f"grid_{name}.png", images, args.per_class, args.grid_per_class)
         scores = evaluate(images, labels, clf, ref, device)
+        epochs = -(-run["gpt_steps"] // steps_per_epoch(args.gpt_batch_size))
         rows.append({"strategy": name, "gpt_model": run["gpt_model"], "train_steps": run["gpt_steps"],
+                     "train_compute_vs_raster": train_compute(run, epochs),
                      "decoding_steps": meta["decoding_steps"], "images_per_s": meta["images_per_s"],
                      "num_images": len(images), "cfg_scale": run["cfg_scale"],
                      "temperature": run["temperature"], "top_k": run["top_k"], **scores})

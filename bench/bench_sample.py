@@ -40,6 +40,7 @@ class Case:
     sizes: dict[str, str]  # size class -> the strategy's --gpt-model name
     flags: dict = field(default_factory=dict)  # the strategy's own flags (argparse dests)
     steps: int | None = None
+    vocab_size: int | None = None  # None: --vocab-size (VAR's tokenizer has its own, 4096)
 
 
 CASES = [
@@ -54,7 +55,7 @@ CASES = [
     Case("arpg-64", "arpg", {"L": "ARPG-L", "debug": "ARPG-debug"}, steps=64),
     Case("lpd-20", "lpd", {"L": "LPD-L", "debug": "LPD-debug"}, steps=20),
     Case("lpd-32", "lpd", {"L": "LPD-L", "debug": "LPD-debug"}, steps=32),
-    Case("var", "var", {"L": "d16", "debug": "var-debug"}),
+    Case("var", "var", {"L": "VAR-d16", "B": "VAR-d16", "debug": "VAR-debug"}, vocab_size=4096),
 ]
 
 
@@ -105,7 +106,11 @@ def build_case(case: Case, size: str, args: argparse.Namespace, device: torch.de
     sargs = strategy_args(case, size, args)
     strategy.configure(sargs)
     grid = args.image_size // args.downsample_size
-    model = strategy.build_model(case.sizes[size], vocab_size=args.vocab_size, block_size=grid * grid,
+    vocab = case.vocab_size or args.vocab_size
+    if case.strategy == "var":  # next-scale inputs come from the VQVAE's codebook: a random one
+        from tokenizer.msvq import build_msvq
+        strategy.use_tokenizer(build_msvq(vocab_size=vocab, patch_nums=tuple(strategy.patch_nums)))
+    model = strategy.build_model(case.sizes[size], vocab_size=vocab, block_size=grid * grid,
                                  num_classes=args.num_classes, **strategy.model_config(sargs))
     for p in model.parameters():  # informative logits (some official inits zero the head)
         torch.nn.init.normal_(p, std=0.02)
@@ -158,7 +163,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows, raster_speed = [], {}
     selected = [c for c in CASES if c.label in args.cases]
     for case in selected:
-        built = build_case(case, args.size, args, device)
+        try:
+            built = build_case(case, args.size, args, device)
+        except ValueError as e:  # e.g. more decoding steps than tokens at a small --image-size
+            built = str(e)
         if isinstance(built, str):
             print(f"{case.label:14s} skipped: {built}")
             continue

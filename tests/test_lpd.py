@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from autoregressive.models.lpd import LPD, LPDConfig
-from autoregressive.sample.lpd_order import (GROUP_SIZES_LOOKUP, cosine_group_sizes, generate_orders, load_orders,
-                                             orders_for_seeds, save_orders, training_group_sizes)
+from autoregressive.sample.lpd_order import GROUP_SIZES_LOOKUP, generate_orders, orders_for_seeds, training_group_sizes
+from autoregressive.sample.orders import Schedule, load_orders, save_orders
 from autoregressive.sample.row_rng import RowRNG
+from autoregressive.sample.schedules import group_sizes
 from autoregressive.strategies import get_strategy
 from autoregressive.strategies.lpd import LpdStrategy, decode_lpd
 from tests.test_train_c2i import losses, run, train_cmd, write_codes
@@ -21,6 +22,10 @@ from tests.test_train_c2i import losses, run, train_cmd, write_codes
 # ---------------------------------------------------------------------------------------------
 # Orders: checked on the grid, not by re-running the generator
 # ---------------------------------------------------------------------------------------------
+
+
+def cosine(num_tokens: int, steps: int) -> list[int]:
+    return group_sizes("cosine", num_tokens, steps)
 
 
 def proximity_scores(done: np.ndarray, grid: int) -> np.ndarray:
@@ -68,8 +73,8 @@ def check_order_rules(order: np.ndarray, sizes: list[int], grid: int, prox: floa
 
 @pytest.mark.parametrize("grid,sizes,prox,rep", [
     (16, GROUP_SIZES_LOOKUP[16][20], 1.0, 2.0),
-    (8, cosine_group_sizes(64, 8), 1.0, 1.0),
-    (8, cosine_group_sizes(64, 12), 1.5, 0.0),
+    (8, cosine(64, 8), 1.0, 1.0),
+    (8, cosine(64, 12), 1.5, 0.0),
 ])
 def test_orders_respect_groups_proximity_and_repulsion(grid, sizes, prox, rep):
     orders = orders_for_seeds(sizes, grid, range(12), proximity_threshold=prox, repulsion_threshold=rep)
@@ -81,11 +86,24 @@ def test_orders_respect_groups_proximity_and_repulsion(grid, sizes, prox, rep):
 
 def test_order_rule_check_can_fail():
     """The checker rejects a raster order (no repulsion) and a non-permutation."""
-    sizes = cosine_group_sizes(64, 8)
+    sizes = cosine(64, 8)
     with pytest.raises(AssertionError):
         check_order_rules(np.arange(64), sizes, 8, 1.0, 1.0)
     with pytest.raises(AssertionError):
         check_order_rules(np.zeros(64, dtype=np.int64), sizes, 8, 1.0, 1.0)
+
+
+def test_a_first_group_of_several_cells_is_farthest_point_sampled():
+    """With nothing generated, no cell qualifies: the first group starts at a random cell and each
+    next cell is the farthest from those already picked."""
+    orders = orders_for_seeds([3] + [1] * 61, 8, range(6))
+    r, c = np.divmod(np.arange(64), 8)
+    for o in orders:
+        assert sorted(o.tolist()) == list(range(64))
+        d2 = np.stack([(r - r[p]) ** 2 + (c - c[p]) ** 2 for p in o[:3]])  # (3, N)
+        assert d2[0, o[1]] == d2[0].max()
+        assert d2[:2, o[2]].min() == d2[:2].min(0).max()
+    assert len({int(o[0]) for o in orders}) > 1
 
 
 def test_generated_orders_are_reproducible_whatever_the_batching(tmp_path):
@@ -102,7 +120,7 @@ def test_generated_orders_are_reproducible_whatever_the_batching(tmp_path):
 def test_editing_orders_grow_from_the_known_cells():
     known = np.zeros(64, dtype=bool)
     known[:24] = True  # the top three rows are given
-    sizes = cosine_group_sizes(40, 6)
+    sizes = cosine(40, 6)
     orders = orders_for_seeds(sizes, 8, range(4), known=known)
     for o in orders:
         assert sorted(o.tolist()) == list(range(24, 64))
@@ -114,8 +132,7 @@ def test_tables_and_training_lists():
         for steps, sizes in table.items():
             assert len(sizes) == steps and sum(sizes) == grid * grid and sizes[0] == 1
     assert len(training_group_sizes(16)) == 9 and len(training_group_sizes(32)) == 14
-    for sizes in training_group_sizes(8):
-        assert sum(sizes) == 64 and sizes[0] == 1
+    assert training_group_sizes(8) == [cosine(64, s) for s in (64, 32, 16, 8, 4)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +175,9 @@ def test_editing_keeps_known_tokens_and_equals_full_recompute():
     known_mask[:12] = True
     known_tokens = torch.randint(24, (2, 36), generator=torch.Generator().manual_seed(0))
     head: list[torch.Tensor] = []
-    strategy_orders = strategy.orders(2, cosine_group_sizes(24, 4), RowRNG(torch.tensor([1, 2])),
-                                      torch.device("cpu"), cells=(~known_mask).nonzero().squeeze(1), known=known_mask)
-    sizes = cosine_group_sizes(24, 4)
+    strategy_orders = strategy.schedule.orders(2, cosine(24, 4), RowRNG(torch.tensor([1, 2])), torch.device("cpu"),
+                                               known=known_mask)
+    sizes = cosine(24, 4)
     tokens = decode_lpd(model, torch.tensor([1, 2]), strategy_orders, sizes, known_tokens=known_tokens,
                         known_mask=known_mask, temperature=0.0, record_head=head)
     assert torch.equal(tokens[:, :12], known_tokens[:, :12]) and (tokens >= 0).all()
@@ -176,9 +193,8 @@ def test_editing_keeps_known_tokens_and_equals_full_recompute():
 def test_generate_every_order_and_schedule():
     model = tiny_model(2)
     strategy = LpdStrategy()
-    strategy.group_schedule = "cosine"
     for order in ("lpd", "random", "raster"):
-        strategy.order = order
+        strategy.schedule = Schedule(order=order, step_schedule="cosine")
         for steps in (6, 36):
             out = strategy.generate(model, torch.tensor([0, 1]), cfg_scale=2.0, steps=steps,
                                     generator=RowRNG(torch.tensor([5, 6])))
@@ -187,13 +203,36 @@ def test_generate_every_order_and_schedule():
             assert out.shape == (2, 36) and torch.equal(out, again) and (out >= 0).all()
 
 
+@pytest.mark.parametrize("order,cfg", [("random", 1.0), ("random", 3.0), ("raster", 2.0)])
+def test_other_orders_decode_as_a_full_recompute(order, cfg):
+    """LPD with ARPG's random orders (one per image) or raster: the KV-cached steps equal one
+    teacher-forced forward over the sampled tokens in that order."""
+    model = tiny_model(3)
+    strategy = LpdStrategy()
+    strategy.schedule = Schedule(order=order, step_schedule="arccos")
+    strategy.cfg_schedule = "constant"
+    labels, seeds = torch.tensor([0, 4]), torch.tensor([7, 8])
+    rec: list[torch.Tensor] = []
+    tokens = strategy.generate(model, labels, cfg_scale=cfg, steps=5, temperature=1.0, generator=RowRNG(seeds),
+                               record_logits=rec)
+    sizes = strategy.schedule_sizes(36, 5)
+    orders = strategy.schedule.orders(2, sizes, RowRNG(seeds), torch.device("cpu")).expand(2, -1)  # the same draw
+    assert sizes[0] > 1 and [sorted(o.tolist()) for o in orders] == [list(range(36))] * 2
+    with torch.no_grad():
+        full, _ = model(tokens, labels, orders, sizes)
+        if cfg > 1:
+            null, _ = model(tokens, labels, orders, sizes, drop=torch.ones(2, dtype=torch.bool))
+            full = null + (full - null) * cfg
+    assert torch.allclose(torch.cat(rec, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
 
 
 def sampling_args(**kw) -> argparse.Namespace:
-    base = dict(image_size=256, downsample_size=16, steps=20, order="lpd", group_sizes=None, group_schedule=None,
+    base = dict(image_size=256, downsample_size=16, steps=20, order="lpd", group_sizes=None, sample_schedule=None,
                 proximity_threshold=1.0, repulsion_threshold=None, group_sizes_list=None, cfg_schedule="linear",
                 cfg_interval=-1)
     return argparse.Namespace(**{**base, **kw})
@@ -201,7 +240,7 @@ def sampling_args(**kw) -> argparse.Namespace:
 
 def test_bad_order_files_are_refused(tmp_path):
     good = generate_orders(GROUP_SIZES_LOOKUP[16][20], 16, 3, seed=0)
-    save_orders(tmp_path / "g8.json", generate_orders(cosine_group_sizes(64, 8), 8, 2), 8, cosine_group_sizes(64, 8))
+    save_orders(tmp_path / "g8.json", generate_orders(cosine(64, 8), 8, 2), 8, cosine(64, 8))
     with pytest.raises(ValueError, match="8x8 grid, but the model's grid is 16x16"):
         LpdStrategy().configure(sampling_args(order=str(tmp_path / "g8.json")))
     (tmp_path / "short.json").write_text(json.dumps([list(range(10))]))
@@ -232,15 +271,55 @@ def test_bad_group_sizes_and_steps_are_refused(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([[1, 2, 3]]))
     with pytest.raises(ValueError, match="--group-sizes-list"):
         LpdStrategy().configure(sampling_args(group_sizes_list=str(tmp_path / "list.json")))
-    with pytest.raises(ValueError, match="no group sizes for 7 steps over 256 tokens.*--group-schedule cosine"):
+    with pytest.raises(ValueError, match="no group sizes for 7 steps over 256 tokens.*--sample-schedule cosine"):
         LpdStrategy().configure(sampling_args(steps=7))
     with pytest.raises(ValueError, match="no group sizes for 5 steps over 64 tokens"):
         LpdStrategy().configure(sampling_args(image_size=128, steps=5))
     ok = LpdStrategy()
-    ok.configure(sampling_args(image_size=128, steps=5, group_schedule="cosine"))
-    assert ok.schedule_sizes(64, 5) == cosine_group_sizes(64, 5)
-    with pytest.raises(ValueError, match="first group size must be 1"):
-        orders_for_seeds([2] + [1] * 62, 8, [0])
+    ok.configure(sampling_args(image_size=128, steps=5, sample_schedule="cosine"))
+    assert ok.schedule_sizes(64, 5) == cosine(64, 5)
+    with pytest.raises(ValueError, match="must be a JSON list of integers"):
+        LpdStrategy().configure(sampling_args(group_sizes="[1, 2"))
+    with pytest.raises(ValueError, match="--steps 4 contradicts --group-sizes"):
+        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([1] * 256), steps=4))
+
+
+def test_edit_command_with_an_lpd_model(tmp_path, monkeypatch):
+    """`edit.py --strategy lpd` in-paints and out-paints with the shared schedule flags; the kept
+    tokens stay (checked on the strategy call the command makes)."""
+    from PIL import Image
+
+    from autoregressive.models.lpd import build_lpd
+    from autoregressive.sample import edit
+    from tests.extract_helpers import make_vq_ckpt
+    from utils.checkpoint import save_checkpoint
+
+    vq = make_vq_ckpt(tmp_path / "vq.pt")  # VQ-debug, 64 codes, downsampling 4: 32 px -> 8 x 8 tokens
+    torch.manual_seed(0)
+    gpt = save_checkpoint({"model": build_lpd("LPD-debug", vocab_size=64, block_size=64, num_classes=10).state_dict(),
+                           "args": {"strategy": "lpd", "gpt_model": "LPD-debug"}}, tmp_path / "lpd.pt")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    base = ["--strategy", "lpd", "--gpt-ckpt", str(gpt), "--vq-model", "VQ-debug", "--vq-ckpt", str(vq),
+            "--codebook-size", "64", "--image-size", "32", "--downsample-size", "4", "--num-classes", "10",
+            "--image", str(tmp_path / "in.png"), "--class-id", "3", "--num-samples", "2", "--device", "cpu",
+            "--out", str(tmp_path / "out.png")]
+    calls = []
+    edit_fn = LpdStrategy.edit
+
+    def spy(self, model, labels, known_tokens, known_mask, **kw):
+        out = edit_fn(self, model, labels, known_tokens, known_mask, **kw)
+        calls.append((known_tokens, known_mask, out, self.schedule.order))
+        return out
+
+    monkeypatch.setattr(LpdStrategy, "edit", spy)
+    parser = edit.build_parser()
+    out = edit.main(parser.parse_args(base + ["--box", "8,8,20,24", "--step", "4"]))  # 12 of 64 tokens
+    edit.main(parser.parse_args(base + ["--outpaint-border", "1", "--order", "random"]))
+    assert Image.open(out).size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # input, masked input, 2 results
+    assert [c[3] for c in calls] == ["lpd", "random"]
+    for known_tokens, known_mask, tokens, _ in calls:
+        assert torch.equal(tokens[:, known_mask], known_tokens[:, known_mask]) and (tokens >= 0).all()
+    assert int((~calls[0][1]).sum()) == 12 and int((~calls[1][1]).sum()) == 28
 
 
 # ---------------------------------------------------------------------------------------------

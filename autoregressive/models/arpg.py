@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.kv_cache import KVCache, LayerKVCache
-from autoregressive.models.layers import FeedForward, RMSNorm, apply_rotary_emb, precompute_freqs_cis_2d
+from autoregressive.models.layers import (FeedForward, Float32RopeBuffer, RMSNorm, apply_rotary_emb,
+                                         precompute_freqs_cis_2d)
 
 
 @dataclass
@@ -212,7 +213,7 @@ class DecoderDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class ARPG(nn.Module):
+class ARPG(Float32RopeBuffer):
     """ARPG c2i model (official class `Transformer`); see the module docstring."""
 
     def __init__(self, config: ARPGConfig):
@@ -237,14 +238,6 @@ class ARPG(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis_2d(
             c.grid_size, c.dim // c.n_head, c.rope_base, c.cls_token_num), persistent=False)
         self.initialize_weights()
-
-    def _apply(self, fn, recurse=True):
-        # A dtype cast must not touch the RoPE table (official: a float32 attribute); devices follow.
-        table = self.freqs_cis
-        super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != table.dtype:
-            self.freqs_cis = table.to(self.freqs_cis.device)
-        return self
 
     def initialize_weights(self) -> None:
         # Every Linear and the embedding table ~ N(0, 0.02); the head starts at zero (official).

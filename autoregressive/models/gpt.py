@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.kv_cache import KVCache
-from autoregressive.models.layers import RMSNorm, TransformerBlock, precompute_freqs_cis_2d
+from autoregressive.models.layers import Float32RopeBuffer, RMSNorm, TransformerBlock, precompute_freqs_cis_2d
 
 
 @dataclass
@@ -96,7 +96,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)  # (B, 1, D)
 
 
-class Transformer(nn.Module):
+class Transformer(Float32RopeBuffer):
     """LlamaGen c2i GPT. Logit row t predicts image token z_t (row 0 reads the class token)."""
 
     def __init__(self, config: GPTConfig):
@@ -125,15 +125,6 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis_2d(
             c.grid_size, c.dim // c.n_head, c.rope_base, c.cls_token_num), persistent=False)
         self.initialize_weights()
-
-    def _apply(self, fn, recurse=True):
-        # `.to(dtype)` / `.half()` cast floating buffers; the official RoPE table is a plain float32
-        # attribute that a bf16 cast never touches, so keep ours float32 while it follows devices.
-        table = self.freqs_cis
-        super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != table.dtype:
-            self.freqs_cis = table.to(self.freqs_cis.device)
-        return self
 
     def initialize_weights(self) -> None:
         std = self.config.initializer_range

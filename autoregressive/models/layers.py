@@ -72,6 +72,21 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000.0
     return torch.cat([torch.zeros(cls_token_num, half, 2), table])  # (cls + grid^2, hd/2, 2)
 
 
+class Float32RopeBuffer(nn.Module):
+    """Base of the models that keep their RoPE table in a non-persistent `freqs_cis` buffer.
+
+    The official table is a plain float32 attribute that `.to(bfloat16)` never touches; a buffer
+    would be cast, so a dtype cast leaves the table float32 here while devices still follow.
+    """
+
+    def _apply(self, fn, recurse=True):
+        table = self.freqs_cis
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != table.dtype:
+            self.freqs_cis = table.to(self.freqs_cis.device)
+        return self
+
+
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (2j, 2j+1) of x (B, T, H, hd) by the table rows of each element.
 

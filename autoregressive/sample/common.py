@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoregressive.sample.orders import add_schedule_arguments
 from autoregressive.sample.row_rng import RowRNG
 from autoregressive.strategies import (Strategy, add_strategy_arguments, get_strategy, model_size_names,
                                       strategy_names)
@@ -48,6 +49,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
     s.add_argument("--steps", "--step", dest="steps", type=int, default=None,
                    help="decoding steps (parallel strategies; ARPG's official flag is --step)")
+    add_schedule_arguments(s)  # --order, --sample-schedule, --group-sizes, --cfg-schedule, ...
     s.add_argument("--global-seed", type=int, default=0, help="seed; each image's seed derives from it and its index")
     s.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     add_strategy_arguments(p)

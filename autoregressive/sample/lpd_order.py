@@ -1,13 +1,13 @@
 """LPD's locality-aware generation orders and its group-size tables (`specs/lpd.md` section 5).
 
-A schedule is `(order, group_sizes)`: `order` lists the N = grid^2 raster indices (row * grid + col)
-in generation order and step k generates the next `group_sizes[k]` of them in parallel. LPD picks
-each group from cells next to what is already generated (proximity score >= threshold: the sum of
-1/distance over generated 8-neighbours) while keeping the cells of one group apart (Chebyshev
-distance > repulsion threshold); when too few qualify, the rest is farthest-point sampled from the
-step's picks.
+An order lists the N = grid^2 raster indices (row * grid + col) in generation order and step k
+generates the next `group_sizes[k]` of them in parallel (`sample/orders.py` turns the sampling
+flags into such a schedule for every strategy). LPD picks each group from cells next to what is
+already generated (proximity score >= threshold: the sum of 1/distance over generated
+8-neighbours) while keeping the cells of one group apart (Chebyshev distance > repulsion
+threshold); when too few qualify, the rest is farthest-point sampled from the step's picks.
 
-One vectorised implementation serves two random sources:
+One implementation, vectorised over a batch of orders, serves two random sources:
 - `lpd_order_schedule(...)` draws exactly what the official `orders/lpd_order.py` draws from
   python `random` and numpy's global RNG (`random.choice`, one `random.shuffle` per step,
   `np.random.randint` when farthest-point sampling starts from nothing), so a seeded call
@@ -15,18 +15,25 @@ One vectorised implementation serves two random sources:
 - `generate_orders(...)` gives order i its own numpy stream `SeedSequence([seed, i])`, processes
   many orders at once and splits them over processes: the same distribution as the official
   runner (which never seeds), but reproducible and independent of batching and worker count.
+Per step, everything is a few passes over (B, N) arrays in small integer types: scores as
+int8 codes, one radix sort of uint16 keys (score rank, random tie key), the repulsion pass
+popping all rows' candidates together, and farthest-point sampling in int16 squared distances.
 """
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from autoregressive.sample import schedules
+from autoregressive.sample.schedules import check_group_sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,35 +95,10 @@ GROUP_SIZES_LOOKUP: dict[int, dict[int, list[int]]] = {
 OFFICIAL_REPULSION = {(16, 20): 2.0, (16, 32): 2.0, (32, 48): 4.0}
 
 
-def check_group_sizes(group_sizes: Sequence[int], num_tokens: int, what: str = "group sizes") -> list[int]:
-    """Positive integers summing to `num_tokens`; returns them as a list of ints."""
-    sizes = [int(g) for g in group_sizes]
-    if not sizes or any(g <= 0 for g in sizes) or any(g != s for g, s in zip(sizes, group_sizes)):
-        raise ValueError(f"{what} must be positive integers, got {list(group_sizes)}")
-    if sum(sizes) != num_tokens:
-        raise ValueError(f"{what} sum to {sum(sizes)}, but the grid has {num_tokens} tokens")
-    return sizes
-
-
 def lookup_group_sizes(grid_size: int, steps: int) -> list[int] | None:
     """The official table entry for a grid and a step count, or None when there is none."""
     entry = GROUP_SIZES_LOOKUP.get(grid_size, {}).get(steps)
     return list(entry) if entry is not None else None
-
-
-def cosine_group_sizes(num_tokens: int, steps: int) -> list[int]:
-    """Group sizes from the cosine curve `N (1 - cos(pi/2 * k / steps))` of tokens done after step k.
-
-    For grids without an official table (the official tables follow a similar curve). The first
-    group is always 1 (the order generator starts from one cell) and every group has >= 1 token.
-    """
-    if not 1 <= steps <= num_tokens:
-        raise ValueError(f"steps must lie in [1, {num_tokens}], got {steps}")
-    done = [0, 1]
-    for k in range(2, steps + 1):
-        target = round(num_tokens * (1 - math.cos(math.pi / 2 * k / steps)))
-        done.append(min(max(target, done[-1] + 1), num_tokens - (steps - k)))
-    return [b - a for a, b in zip(done[:-1], done[1:])]
 
 
 def training_group_sizes(grid_size: int) -> list[list[int]]:
@@ -126,7 +108,7 @@ def training_group_sizes(grid_size: int) -> list[list[int]]:
         return [list(v) for v in GROUP_SIZES_LOOKUP[grid_size].values()]
     n = grid_size * grid_size
     steps = sorted({n // 2 ** k for k in range(8) if n // 2 ** k >= min(4, n)}, reverse=True)
-    return [cosine_group_sizes(n, s) for s in steps]
+    return [schedules.group_sizes("cosine", n, s) for s in steps]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +148,12 @@ class _PerOrderRNG:
         return np.array([g.integers(n) for g in self.gens])
 
     def tie_keys(self, unselected: np.ndarray) -> np.ndarray:
-        return np.stack([g.permutation(unselected.shape[1]) for g in self.gens])  # (B, N) random ranks
+        """(B, N) random ranks, one permutation per row (uint16 when N fits: the sort key stays small)."""
+        n = unselected.shape[1]
+        keys = np.empty(unselected.shape, dtype=np.uint16 if n <= 2 ** 16 else np.int64)
+        for row, g in zip(keys, self.gens):
+            row[...] = g.permutation(n)
+        return keys
 
     def fps_start(self, rows: np.ndarray, pool_sizes: np.ndarray) -> np.ndarray:
         return np.array([self.gens[r].integers(int(p)) for r, p in zip(rows, pool_sizes)])
@@ -176,170 +163,258 @@ class _PerOrderRNG:
 # The generator (B orders at once)
 # ---------------------------------------------------------------------------------------------
 
-
-def _neighbour_table(grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Padded-grid index of every cell, and the 8-neighbour offsets and weights 1/distance."""
-    p = grid + 2
-    r, c = np.divmod(np.arange(grid * grid), grid)
-    pad_index = (r + 1) * p + (c + 1)
-    offs, weights = [], []
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            if dr or dc:
-                offs.append(dr * p + dc)
-                weights.append(1.0 / math.sqrt(dr * dr + dc * dc))  # 1 edge, 1/sqrt(2) diagonal
-    return pad_index, np.array(offs), np.array(weights)
-
-
 # Exact proximity score of a cell with e generated edge and d diagonal neighbours, by code 5e + d,
 # and its rank in descending order of score (codes that cannot occur rank last).
 _AB_VALUE = np.array([e + d / math.sqrt(2) if e <= 4 and d <= 4 else -1.0 for e in range(9) for d in range(5)])
 _AB_RANK = np.argsort(np.argsort(-_AB_VALUE, kind="stable"), kind="stable")
+_SELECTED = 64  # added to the code of a generated cell (codes stay below 64 + 25 in int8)
+_RANK_OF_CODE = np.full(_SELECTED + 25, len(_AB_RANK))  # generated cells rank after every score
+_RANK_OF_CODE[:len(_AB_RANK)] = _AB_RANK
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Index tables of one grid and repulsion radius R (all vectorised steps index through them)."""
+
+    n: int
+    cell: np.dtype  # dtype of cell ids
+    dist: np.dtype  # dtype of squared distances d (and of 2 d + 1, for farthest-point tie-breaking)
+    cell_r: np.ndarray  # (N,) row of each cell
+    cell_c: np.ndarray  # (N,) column
+    pad_index: np.ndarray  # (N,) index in the score grid padded by 1 (no bounds checks)
+    nb_off: np.ndarray  # (8,) neighbour offsets in the padded score grid
+    nb_w: np.ndarray  # (8,) their weights 1/distance (official float scores)
+    nb_code: np.ndarray  # (8,) their exact-score codes: 5 per edge, 1 per diagonal neighbour
+    rep_index: np.ndarray  # (N,) index in the grid padded by R
+    rep_off: np.ndarray  # (K,) offsets of the (2R+1)^2 cells a pick repels (empty when R < 0)
+    rep_cells: int  # cells of the grid padded by R
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(grid: int, rep: int) -> _Grid:
+    n, p, rp = grid * grid, grid + 2, grid + 2 * max(rep, 0)
+    r, c = np.divmod(np.arange(n), grid)
+    offs = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+    cell = np.dtype(np.int16 if n < 2 ** 15 else np.int32)
+    dist = np.dtype(np.int16 if 4 * (grid - 1) ** 2 + 1 < 2 ** 15 else np.int32)
+    return _Grid(
+        n=n, cell=cell, dist=dist, cell_r=r.astype(dist), cell_c=c.astype(dist),
+        pad_index=(r + 1) * p + (c + 1),
+        nb_off=np.array([dr * p + dc for dr, dc in offs]),
+        nb_w=np.array([1.0 / math.sqrt(dr * dr + dc * dc) for dr, dc in offs]),  # 1 edge, 1/sqrt(2) diagonal
+        nb_code=np.array([5 if dr == 0 or dc == 0 else 1 for dr, dc in offs], dtype=np.int8),
+        rep_index=(r + max(rep, 0)) * rp + (c + max(rep, 0)),
+        rep_off=np.array([dr * rp + dc for dr in range(-rep, rep + 1) for dc in range(-rep, rep + 1)], dtype=np.int64),
+        rep_cells=rp * rp)
 
 
 def _schedule_batch(group_sizes: Sequence[int], grid: int, proximity: float, repulsion: float, rng,
                     batch: int, known: np.ndarray | None = None) -> np.ndarray:
     """`batch` locality-aware orders (B, M) int64 for one schedule; `rng` as `_OfficialRNG`.
 
-    Without `known`, M = N and the order starts from one random cell (first group size 1).
-    With `known` (N,) bool (editing), the known cells count as generated and M = N - #known.
+    Without `known`, M = N: a first group of 1 is one random cell (as officially); a larger first
+    group, with nothing generated yet, is farthest-point sampled from a random cell. With `known`
+    (N,) bool (editing), the known cells count as generated and M = N - #known.
     """
     n = grid * grid
     known = np.zeros(n, dtype=bool) if known is None else np.asarray(known, dtype=bool).reshape(n)
     n_known = int(known.sum())
     sizes = check_group_sizes(group_sizes, n - n_known)
-    if not n_known and sizes[0] != 1:
-        raise ValueError(f"the locality-aware order starts from one cell: the first group size must be 1, "
-                         f"got {sizes[0]}")
-    rows_all = np.arange(batch)
-    cell_r, cell_c = (a.astype(np.int32) for a in np.divmod(np.arange(n), grid))
-    pad_index, nb_off, nb_w = _neighbour_table(grid)
     # Repulsion: a cell within Chebyshev distance R of a pick of the same step is rejected.
     rep = min(math.floor(repulsion), grid - 1) if repulsion >= 0 else -1
-    rp = grid + 2 * max(rep, 0)
-    rep_index = (cell_r + max(rep, 0)) * rp + (cell_c + max(rep, 0))
-    rep_off = np.array([dr * rp + dc for dr in range(-rep, rep + 1) for dc in range(-rep, rep + 1)], dtype=np.int64)
+    t = _grid(grid, rep)
+    rows = np.arange(batch)
 
     # Proximity scores on the padded grid. Official draws: float sums accumulated in pick order,
     # exactly as the official loop adds them (its float rounding decides near-ties). Otherwise:
     # the exact score from the counts of generated edge (5 per) and diagonal (1 per) neighbours.
     float_scores = isinstance(rng, _OfficialRNG)
-    score = np.zeros((batch, (grid + 2) ** 2)) if float_scores else np.zeros((batch, (grid + 2) ** 2), np.int16)
-    step_add = nb_w if float_scores else np.where(nb_w == 1.0, 5, 1).astype(np.int16)
+    score = np.zeros((batch, (grid + 2) ** 2), dtype=np.float64 if float_scores else np.int8)
+    flat_score, pad_base = score.reshape(-1), rows[:, None] * score.shape[1]
     selected = np.zeros((batch, n), dtype=bool)
     order = np.empty((batch, n - n_known), dtype=np.int64)
 
+    def generated(cells: np.ndarray) -> None:
+        """Mark cells (B, k) generated, in that order, and add to their neighbours' scores."""
+        selected[rows[:, None], cells] = True
+        at = t.pad_index[cells] + pad_base  # (B, k)
+        if float_scores:  # cell by cell, in the official order of float additions
+            for k in range(cells.shape[1]):
+                flat_score[at[:, k, None] + t.nb_off] += t.nb_w
+        else:  # one neighbour offset at a time: its targets are distinct, so += counts each
+            flat_score[at] += _SELECTED
+            for off, code in zip(t.nb_off, t.nb_code):
+                flat_score[at + off] += code
+
     def commit(picks: np.ndarray, start: int) -> None:
-        """Append picks (B, g) in pick order; scores accumulate in that order, as officially."""
         order[:, start:start + picks.shape[1]] = picks
-        selected[rows_all[:, None], picks] = True
-        for k in range(picks.shape[1]):
-            score[rows_all[:, None], pad_index[picks[:, k]][:, None] + nb_off] += step_add
+        generated(picks)
 
     if n_known:  # context cells: generated before the first step, in raster order
-        selected[:, known] = True
-        for cell in np.flatnonzero(known):
-            score[:, pad_index[cell] + nb_off] += step_add
+        generated(np.broadcast_to(np.flatnonzero(known), (batch, n_known)))
         filled, rest = 0, sizes
-    else:
+    elif sizes[0] == 1:
         commit(rng.first(n)[:, None], 0)
         filled, rest = 1, sizes[1:]
+    else:
+        filled, rest = 0, sizes
     for g in rest:
         n_un = n - n_known - filled
-        unsel = ~selected
-        keys = rng.tie_keys(unsel)  # (B, N) distinct ranks in [0, N) per row
-        if float_scores:
-            value = score[:, pad_index]
-            neg = np.where(unsel, -value, np.inf)
-            _, level = np.unique(neg, return_inverse=True)  # dense rank of the exact float score
-            level = level.reshape(neg.shape)
-        else:
-            value = _AB_VALUE[score[:, pad_index]]
-            level = np.where(unsel, _AB_RANK[score[:, pad_index]], len(_AB_RANK))
-        # Sort by score descending, ties by key: one stable radix sort when the packed key fits 16 bits.
-        packed = level * n + keys
-        packed = packed.astype(np.uint16) if packed.max() < 2 ** 16 else packed
-        cand = np.argsort(packed, axis=-1, kind="stable")[:, :n_un]  # (B, n_un)
-        cand_score = np.take_along_axis(value, cand, axis=1)
-        n_hi = (cand_score >= proximity).sum(1)  # hi candidates form a prefix
-
-        # Proximity pass: pop hi candidates in order, reject those a pick of this step repels.
-        status = np.zeros((batch, n_un), dtype=np.int8)  # 0 not popped, 1 picked, 2 rejected
-        picks = np.empty((batch, g), dtype=np.int64)
-        count = np.zeros(batch, dtype=np.int64)
-        blocked = np.zeros((batch, rp * rp), dtype=bool)
-        for j in range(int(n_hi.max(initial=0))):
-            rows = np.flatnonzero((j < n_hi) & (count < g))
-            if rows.size == 0:
-                break
-            c = cand[rows, j]
-            bad = blocked[rows, rep_index[c]] if rep >= 0 else np.zeros(rows.size, dtype=bool)
-            status[rows, j] = np.where(bad, 2, 1)
-            ok, c_ok = rows[~bad], c[~bad]
-            picks[ok, count[ok]] = c_ok
-            count[ok] += 1
-            if rep >= 0 and ok.size:
-                blocked[ok[:, None], rep_index[c_ok][:, None] + rep_off] = True
-
-        # The rest: pool = lo + rejected + unpopped hi (each in candidate order), farthest-point sampled.
-        need = g - count
-        fill_rows = np.flatnonzero(need > 0)
-        if fill_rows.size:
-            pos = np.arange(n_un)
-            category = np.where(pos >= n_hi[fill_rows, None], 0, np.where(status[fill_rows] == 2, 1, 2))
-            category = np.where(status[fill_rows] == 1, 3, category)  # picked: not in the pool
-            pool_rank = np.argsort(category * n_un + pos, axis=1, kind="stable")
-            pool = np.take_along_axis(cand[fill_rows], pool_rank, axis=1)  # (F, n_un), pool first
-            pool_size = n_un - count[fill_rows]
-            _fill_from_pool(picks, fill_rows, count[fill_rows], need[fill_rows], pool, pool_size,
-                            cell_r, cell_c, rng)
-        commit(picks, filled)
+        cand, n_hi = _candidates(score, selected, n_un, proximity, float_scores, rng, t)
+        commit(_group_picks(cand, n_hi, g, rows, t, rng), filled)
         filled += g
     return order
 
 
-def _fill_from_pool(picks: np.ndarray, rows: np.ndarray, count: np.ndarray, need: np.ndarray, pool: np.ndarray,
-                    pool_size: np.ndarray, cell_r: np.ndarray, cell_c: np.ndarray, rng) -> None:
-    """Complete each row's picks from its pool: all of it when it is not larger than the need,
-    else farthest-point sampling from the row's picks of this step (argmax, first on ties)."""
-    take_all = pool_size <= need
-    for i in np.flatnonzero(take_all):
-        picks[rows[i], count[i]:count[i] + need[i]] = pool[i, :need[i]]
-    fps = np.flatnonzero(~take_all)
-    if fps.size == 0:
-        return
-    rows, count, need, pool, pool_size = rows[fps], count[fps], need[fps], pool[fps], pool_size[fps]
-    width = int(pool_size.max())
-    pool = pool[:, :width]
-    valid = np.arange(width)[None, :] < pool_size[:, None]
-    pr, pc = cell_r[pool].astype(np.int32), cell_c[pool].astype(np.int32)  # (F, P)
-    big = np.iinfo(np.int32).max
-    # Squared distance to the step's picks (same argmax as the official Euclidean); -1 = padding,
-    # which every np.minimum keeps at -1 since distances are >= 0.
-    min_d2 = np.where(valid, big, -1).astype(np.int32)
-    for k in range(int(count.max(initial=0))):
-        has = k < count
-        sel = np.where(has, picks[rows, np.minimum(k, picks.shape[1] - 1)], 0)  # garbage where not has
-        d2 = (pr - cell_r[sel][:, None]) ** 2 + (pc - cell_c[sel][:, None]) ** 2
-        np.minimum(min_d2, np.where(has[:, None], d2, big), out=min_d2)
+def _candidates(score: np.ndarray, selected: np.ndarray, n_un: int, proximity: float, float_scores: bool,
+                rng, t: _Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The unselected cells sorted by score (descending), ties by a fresh random key: (B, n_un)
+    cell ids, and how many of them qualify (score >= proximity threshold; they come first)."""
+    keys = rng.tie_keys(~selected)  # (B, N) distinct ranks per row
+    n = t.n
+    if float_scores:
+        value = score[:, t.pad_index]
+        _, level = np.unique(np.where(selected, np.inf, -value), return_inverse=True)  # dense rank
+        packed = level.reshape(value.shape) * n + keys
+        n_hi = np.count_nonzero(~selected & (value >= proximity), axis=1)
+    else:
+        # Exact scores: code 5e + d, plus _SELECTED once generated; the sort key is rank * N + key.
+        code = np.take(score, t.pad_index, axis=1)  # (B, N) int8
+        small = keys.dtype == np.uint16 and (len(_AB_RANK) + 1) * n <= 2 ** 16
+        rank_key = (_RANK_OF_CODE * n).astype(np.uint16 if small else np.int64)
+        packed = np.take(rank_key, code, mode="wrap")  # codes lie in the table: "wrap" skips the bounds check
+        packed += keys
+        # Qualifying codes are the best ranks: a prefix of the sort order.
+        n_hi = np.count_nonzero(packed < int((_AB_VALUE >= proximity).sum()) * n, axis=1)
+    # A stable (radix, for uint16) sort of distinct keys: score level first, then the tie key.
+    cand = np.argsort(packed, axis=1, kind="stable")[:, :n_un].astype(t.cell)
+    return cand, n_hi
+
+
+def _group_picks(cand: np.ndarray, n_hi: np.ndarray, g: int, rows: np.ndarray, t: _Grid, rng) -> np.ndarray:
+    """The g cells of one step per row, (B, g) in pick order: qualifying candidates in order, each
+    kept unless a pick of this step repels it; the rest farthest-point sampled from the pool
+    (the other candidates: non-qualifying, then repelled, each in candidate order)."""
+    batch, n_un = cand.shape
+    acc, count = _proximity_pass(cand, n_hi, g, t)  # (B, J) accepted flags, (B,) picks
+    picks = np.empty((batch, g), dtype=t.cell)
+    j = acc.shape[1]
+    if j:
+        first_acc = np.argsort(~acc, axis=1, kind="stable")[:, :min(g, j)]  # accepted positions first
+        picks[:, :first_acc.shape[1]] = np.take_along_axis(cand, first_acc, axis=1)
+    fill = np.flatnonzero(count < g)
+    if fill.size == 0:
+        return picks
+    cand_f, count_f, need = cand[fill], count[fill], g - count[fill]
+    lo = np.arange(n_un) >= n_hi[fill, None]  # (F, n_un) non-qualifying candidates
+    if g == n_un:  # the last step: the pool is what is left, taken in pool order
+        cat = (~lo).astype(np.uint8)  # 0 non-qualifying, 1 repelled, 2 accepted
+        cat[:, :j] += acc[fill]
+        more = np.take_along_axis(cand_f, np.argsort(cat, axis=1, kind="stable")[:, :int(need.max())], axis=1)
+    else:
+        more = _farthest_points(cand_f, lo, need, picks[fill], count_f, rows[fill], t, rng)
+    k = np.arange(g) - count_f[:, None]  # (F, g): index into `more` from each row's count on
+    picks[fill] = np.where(k >= 0, np.take_along_axis(more, np.maximum(k, 0), axis=1), picks[fill])
+    return picks
+
+
+def _proximity_pass(cand: np.ndarray, n_hi: np.ndarray, g: int, t: _Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Pop the qualifying candidates of every row in order: accept one unless an accepted one of
+    this step lies within the repulsion radius, until g are accepted. -> (B, J) bool, (B,) counts."""
+    batch = cand.shape[0]
+    j_max = int(n_hi.max(initial=0))
+    pos = np.arange(j_max)
+    if t.rep_off.size == 0:  # no repulsion: the first g qualifying candidates
+        count = np.minimum(n_hi, g)
+        return pos < count[:, None], count
+    # Each row owns a padded repulsion grid plus one always-blocked sentinel cell, which stands in
+    # for the candidates after its qualifying ones.
+    width = t.rep_cells + 1
+    blocked = np.zeros(batch * width, dtype=bool)
+    blocked[t.rep_cells::width] = True
+    base = (np.arange(batch) * width)[:, None]
+    at = np.where(pos >= n_hi[:, None], base + t.rep_cells, t.rep_index[cand[:, :j_max]] + base)  # (B, J)
+    at_t = np.ascontiguousarray(at.T)  # (J, B)
+    acc_t = np.zeros((j_max, batch), dtype=bool)
+    count = np.zeros(batch, dtype=np.int64)
+    live = np.arange(batch)  # the rows still popping; compacted when half of them are done
+    n_hi_live, count_live = n_hi, count.copy()
+    for j in range(j_max):
+        at_j = at_t[j]
+        ok = ~blocked[at_j]
+        ok &= count_live < g
+        acc_t[j, live] = ok
+        count_live += ok
+        hit = at_j[ok]
+        if hit.size:
+            blocked[hit[:, None] + t.rep_off] = True
+        if j % 8 == 7:
+            going = (count_live < g) & (n_hi_live > j + 1)
+            n_going = int(np.count_nonzero(going))
+            if n_going * 2 <= live.size:
+                count[live] = count_live
+                if n_going == 0:
+                    break
+                live, n_hi_live, count_live, at_t = live[going], n_hi_live[going], count_live[going], at_t[:, going]
+    count[live] = count_live
+    return acc_t.T, count
+
+
+def _farthest_points(cand: np.ndarray, lo: np.ndarray, need: np.ndarray, picks: np.ndarray, count: np.ndarray,
+                     rows: np.ndarray, t: _Grid, rng) -> np.ndarray:
+    """`need` (F,) more cells per row, each the pool cell farthest (Euclidean) from the step's
+    picks so far, the first in pool order on ties; a row without picks starts from a random one.
+
+    Works in candidate order `cand` (F, M): the pool is the candidates that are not picks, in
+    pool order the non-qualifying ones (`lo`) first, so ties prefer `lo`, then the lower index.
+    -> (F, max need) cell ids.
+    """
+    pr, pc = np.divmod(cand.astype(t.dist, copy=False), math.isqrt(t.n))  # (F, M) rows, columns
+    far = np.iinfo(t.dist).max // 2  # above any squared distance; 2 far + 1 still fits
+    min_d2 = np.full(cand.shape, far, dtype=t.dist)  # squared distance to the nearest pick
+    tmp = np.empty((2,) + cand.shape, dtype=t.dist)
+
+    def nearer(d2: np.ndarray, r: np.ndarray, c: np.ndarray, cell: np.ndarray, tmp: np.ndarray) -> None:
+        """d2 = min(d2, squared distance of (r, c) to `cell` (per row)), in place."""
+        a, b = tmp
+        np.subtract(r, t.cell_r[cell][:, None], out=a)
+        np.multiply(a, a, out=a)
+        np.subtract(c, t.cell_c[cell][:, None], out=b)
+        np.multiply(b, b, out=b)
+        a += b
+        np.minimum(d2, a, out=d2)
+
+    has = np.flatnonzero(count > 0)
+    if has.size:  # the picks of the proximity pass (missing ones repeat the row's first); picks get 0
+        k_max = int(count[has].max())
+        src = np.where(np.arange(k_max) < count[has, None], np.arange(k_max), 0)
+        from_picks = np.take_along_axis(picks[has], src, axis=1)  # (H, K)
+        every = has.size == len(rows)
+        d2, r, c = (min_d2, pr, pc) if every else (min_d2[has], pr[has], pc[has])
+        for k in range(k_max):
+            nearer(d2, r, c, from_picks[:, k], tmp[:, :len(has)])
+        if not every:
+            min_d2[has] = d2
+    # No picks means no qualifying candidate: the pool is `cand` in order, all of it.
     empty = np.flatnonzero(count == 0)
-    start = rng.fps_start(rows[empty], pool_size[empty]) if empty.size else np.zeros(0, dtype=np.int64)
-    first = np.full(rows.size, -1, dtype=np.int64)
-    first[empty] = start
-    for t in range(int(need.max())):
-        live = np.flatnonzero(t < need)
-        idx = np.where((t == 0) & (first[live] >= 0), first[live], min_d2[live].argmax(1))
-        sel = pool[live, idx]
-        picks[rows[live], count[live] + t] = sel
-        if live.size == rows.size:  # every row still picking: work in place
-            d2 = (pr - cell_r[sel][:, None]) ** 2 + (pc - cell_c[sel][:, None]) ** 2
-            np.minimum(min_d2, d2, out=min_d2)
-            min_d2[live, idx] = 0  # taken
-        else:
-            d2 = (pr[live] - cell_r[sel][:, None]) ** 2 + (pc[live] - cell_c[sel][:, None]) ** 2
-            upd = np.minimum(min_d2[live], d2)
-            upd[np.arange(live.size), idx] = 0  # taken
-            min_d2[live] = upd
+    start = rng.fps_start(rows[empty], np.full(empty.size, cand.shape[1])) if empty.size else None
+
+    out = np.zeros((len(rows), int(need.max())), dtype=t.cell)
+    live, need_live, lo = np.arange(len(rows)), need, lo.astype(t.dist)
+    for step in range(out.shape[1]):
+        idx = (min_d2 * 2 + lo).argmax(axis=1)  # ties: non-qualifying first, then the lower index
+        if step == 0 and start is not None:
+            idx[empty] = start
+        at = np.arange(live.size)
+        sel = cand[at, idx]
+        out[live, step] = sel
+        nearer(min_d2, pr, pc, sel, tmp[:, :live.size])
+        min_d2[at, idx] = 0  # taken
+        going = need_live > step + 1
+        if not going.all() and np.count_nonzero(going) * 2 <= live.size:
+            live, need_live = live[going], need_live[going]
+            cand, pr, pc, min_d2, lo = cand[going], pr[going], pc[going], min_d2[going], lo[going]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,56 +471,6 @@ def generate_orders(group_sizes: Sequence[int], grid_size: int, num_orders: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Order files
-# ---------------------------------------------------------------------------------------------
-
-
-def save_orders(path: str | os.PathLike, orders: np.ndarray, grid_size: int, group_sizes: Sequence[int],
-                **settings: float | int) -> None:
-    """Write orders as JSON: `{grid_size, group_sizes, <settings>, orders}`, the official bare list
-    of lists under `orders` (official files are only that list; `load_orders` reads both)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"grid_size": grid_size, "group_sizes": [int(g) for g in group_sizes], **settings,
-           "orders": orders.tolist()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
-def load_orders(path: str | os.PathLike, grid_size: int) -> tuple[np.ndarray, list[int] | None]:
-    """Read an order file (ours or the official bare list) -> (orders (M, N), group sizes or None).
-
-    Every order must be a permutation of the `grid_size`^2 raster indices, and the recorded grid
-    and group sizes must fit that grid; anything else is a ValueError naming the file.
-    """
-    n = grid_size * grid_size
-    doc = json.loads(Path(path).read_text())
-    meta = doc if isinstance(doc, dict) else {}
-    if meta and "orders" not in meta:
-        raise ValueError(f"order file {path}: a JSON object must hold 'orders'")
-    if meta.get("grid_size", grid_size) != grid_size:
-        raise ValueError(f"order file {path} was made for a {meta['grid_size']}x{meta['grid_size']} grid, "
-                         f"but the model's grid is {grid_size}x{grid_size}")
-    try:
-        orders = np.asarray(meta["orders"] if meta else doc, dtype=np.int64)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"order file {path}: orders must be equal-length lists of integers ({e})") from None
-    if orders.ndim != 2 or orders.shape[0] == 0:
-        raise ValueError(f"order file {path}: expected a non-empty list of orders, got shape {orders.shape}")
-    if orders.shape[1] != n:
-        raise ValueError(f"order file {path} holds orders of length {orders.shape[1]}, but the "
-                         f"{grid_size}x{grid_size} grid has {n} tokens")
-    if not (np.sort(orders, axis=1) == np.arange(n)).all():
-        bad = int(np.flatnonzero(~(np.sort(orders, axis=1) == np.arange(n)).all(1))[0])
-        raise ValueError(f"order file {path}: order {bad} is not a permutation of 0..{n - 1}")
-    sizes = meta.get("group_sizes")
-    if sizes is not None:
-        sizes = check_group_sizes(sizes, n, what=f"the group sizes of order file {path}")
-    return orders, sizes
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line: write an order file for sampling
 # ---------------------------------------------------------------------------------------------
 
@@ -455,12 +480,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     import argparse
     import time
 
+    # The shared order-file writer and group-size resolution (they import this module).
+    from autoregressive.sample.orders import STEP_SCHEDULES, parse_group_sizes, resolve_group_sizes, save_orders
+
     p = argparse.ArgumentParser(description="Write LPD locality-aware generation orders (JSON) for sampling.")
     p.add_argument("--grid", type=int, default=16, help="tokens per side (16 = 256 px, 32 = 512 px with VQ-16)")
-    p.add_argument("--steps", type=int, default=None, help="decoding steps: the official table's group sizes")
+    p.add_argument("--steps", type=int, default=None, help="decoding steps (group sizes from --sample-schedule)")
     p.add_argument("--group-sizes", type=str, default=None, help="JSON list of group sizes instead of --steps")
-    p.add_argument("--group-schedule", type=str, default=None, choices=["cosine"],
-                   help="group sizes for a --steps the official table lacks")
+    p.add_argument("--sample-schedule", "--group-schedule", dest="sample_schedule", type=str, default="lpd",
+                   choices=list(STEP_SCHEDULES), help="group sizes for --steps: lpd = the official table (default)")
     p.add_argument("--proximity-threshold", type=float, default=1.0, help="official default 1.0")
     p.add_argument("--repulsion-threshold", type=float, default=None,
                    help="default: the official setting for the grid / steps (2.0 at 16/20 and 16/32, 4.0 at 32/48), else 1.0")
@@ -471,17 +499,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     a = p.parse_args(argv)
     n = a.grid * a.grid
     if a.group_sizes is not None:
-        sizes = check_group_sizes(json.loads(a.group_sizes), n, what="--group-sizes")
+        sizes = check_group_sizes(parse_group_sizes(a.group_sizes), n, what="--group-sizes")
     elif a.steps is None:
         raise ValueError("pass --steps or --group-sizes")
     else:
-        sizes = lookup_group_sizes(a.grid, a.steps)
-        if sizes is None and a.group_schedule == "cosine":
-            sizes = cosine_group_sizes(n, a.steps)
-        if sizes is None:
-            raise ValueError(f"the official table has no {a.steps}-step entry for a {a.grid}x{a.grid} grid "
-                             f"(it has {sorted(GROUP_SIZES_LOOKUP.get(a.grid, {}))}); pass --group-sizes or "
-                             f"--group-schedule cosine")
+        sizes = resolve_group_sizes(n, a.steps, a.sample_schedule)
     rep = a.repulsion_threshold if a.repulsion_threshold is not None else OFFICIAL_REPULSION.get((a.grid, len(sizes)), 1.0)
     start = time.time()
     orders = generate_orders(sizes, a.grid, a.num_orders, seed=a.seed, proximity_threshold=a.proximity_threshold,

@@ -2,7 +2,9 @@
 
 A schedule is data (`design.md`, "Order and groups are data"): `group_sizes(name, N, S)` returns S
 positive ints summing to N, which `group_decode.decode_in_groups` runs with any order. Pure
-functions, no torch, so that every parallel strategy (ARPG, LPD, ...) can share and extend them.
+functions, no torch, so that every parallel strategy (ARPG, LPD, ...) can share and extend them;
+`sample/orders.py` picks between these formulas, LPD's official table (`sample/lpd_order.py`) and
+an explicit list.
 
 `arccos` and `cosine` are ARPG's (`specs/arpg.md` section 3.2, official hp-l33/ARPG
 `Transformer.generate`), the MaskGIT-style "fraction still masked after step s" curves, with the
@@ -11,7 +13,7 @@ official float64 arithmetic, truncation and clamps kept so that the group sizes 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +37,16 @@ def check_steps(num_tokens: int, steps: int) -> None:
     if steps > num_tokens:
         raise ValueError(f"--step {steps} is larger than the number of tokens to generate ({num_tokens}): "
                          f"every step must generate at least one token")
+
+
+def check_group_sizes(group_sizes: Sequence[int], num_tokens: int, what: str = "group sizes") -> list[int]:
+    """Positive integers summing to `num_tokens`; returns them as a list of ints."""
+    sizes = [int(g) for g in group_sizes]
+    if not sizes or any(g <= 0 for g in sizes) or any(g != s for g, s in zip(sizes, group_sizes)):
+        raise ValueError(f"{what} must be positive integers, got {list(group_sizes)}")
+    if sum(sizes) != num_tokens:
+        raise ValueError(f"{what} sum to {sum(sizes)}, but the grid has {num_tokens} tokens")
+    return sizes
 
 
 def group_sizes(name: str, num_tokens: int, steps: int) -> list[int]:

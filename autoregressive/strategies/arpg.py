@@ -1,9 +1,11 @@
 """`arpg`: randomized parallel decoding with target-aware queries (arXiv 2503.10568; `specs/arpg.md`).
 
-Schedule: `order` = a uniformly random permutation of the grid, group sizes from the `arccos` or
-`cosine` step schedule over `--step` steps (`sample/schedules.py`). Training draws one random order
-per sample from the driver's generator and predicts every token in that order under causal masks
-(the model does the shuffling). Sampling runs the shared KV-cached loop
+Schedule (`sample/orders.py`): by default, as officially, `order` = a uniformly random permutation
+of the grid and group sizes from the `arccos` step schedule over `--step` steps (64); the shared
+flags choose any other (`--sample-schedule cosine`, `--order lpd | raster | FILE`, `--group-sizes`),
+and the model decodes any of them. Training draws one random order per sample from the driver's
+generator and predicts every token in that order under causal masks (the model does the
+shuffling). Sampling runs the shared KV-cached loop
 `sample/group_decode.py:decode_in_groups`; one step feeds the tokens of the previous group (the
 class token at step 0) and asks one query per target of the next group.
 
@@ -26,9 +28,8 @@ import torch
 
 from autoregressive.models.arpg import ARPG, ARPG_SIZES, build_arpg
 from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_labels, check_cfg_scale
-from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.schedules import check_steps, group_sizes, schedule_names
+from autoregressive.sample.logits import Generator, cfg_labels
+from autoregressive.sample.orders import Schedule, check_known
 from autoregressive.strategies.base import TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
 
@@ -40,23 +41,6 @@ CFG_SCHEDULES = {
 DEFAULT_STEPS = 64  # the official evaluation commands' --step
 
 
-def random_order(positions: torch.Tensor, batch_size: int, generator: Generator | None) -> torch.Tensor:
-    """A uniformly random order of `positions` (M,): (M,) shared by the batch from a torch.Generator
-    (the official `rand(M).argsort()`), or (B, M), one per row, from a per-row sampler."""
-    if generator is None:
-        raise ValueError("ARPG generates in a random order: pass a generator (also for temperature 0)")
-    m = positions.shape[0]
-    if isinstance(generator, torch.Generator):
-        perm = torch.rand(m, generator=generator, device=generator.device).argsort()  # (M,)
-    elif isinstance(generator, RowRNG):
-        if generator.seeds.shape[0] != batch_size:
-            raise ValueError(f"the per-row sampler has {generator.seeds.shape[0]} rows for {batch_size} images")
-        perm = generator.uniform((m,)).argsort(dim=-1)  # (B, M)
-    else:
-        raise TypeError(f"cannot draw a random order from a {type(generator).__name__}")
-    return positions[perm.to(positions.device)]
-
-
 class ArpgStrategy(RasterStrategy):
     """ARPG; loading (official layouts, strict keys, our checkpoints) is raster's."""
 
@@ -65,38 +49,26 @@ class ArpgStrategy(RasterStrategy):
 
     def __init__(self, sample_schedule: str = "arccos", cfg_schedule: str = "linear"):
         # The official sampler defaults until `configure` reads the flags.
-        self.sample_schedule, self.cfg_schedule = sample_schedule, cfg_schedule
-        self._check_schedules()
+        self.schedule = Schedule(order="random", step_schedule=sample_schedule)
+        self.cfg_schedule = cfg_schedule
+        self._check_cfg_schedule()
 
     # -- flags ------------------------------------------------------------------------------------
 
-    @classmethod
-    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--sample-schedule", type=str, default="arccos", choices=schedule_names(),
-                           help="arpg: tokens per step over --step steps (official README: arccos; model zoo: cosine)")
-        # LPD's official flags also have a linear/constant --cfg-schedule: whichever strategy
-        # registers first adds it, and both read the same value.
-        if "--cfg-schedule" not in group._option_string_actions:
-            group.add_argument("--cfg-schedule", type=str, default="linear", choices=list(CFG_SCHEDULES),
-                               help="linear ramps the CFG scale from ~1 to --cfg-scale with the tokens known; "
-                                    "constant uses --cfg-scale throughout")
-
     def configure(self, args: argparse.Namespace) -> None:
-        """Read `--sample-schedule` / `--cfg-schedule`; refuse a `--step` above the token count
-        and `--cfg-interval` (ARPG has none)."""
-        self.sample_schedule = getattr(args, "sample_schedule", self.sample_schedule)
-        self.cfg_schedule = getattr(args, "cfg_schedule", self.cfg_schedule)
-        self._check_schedules()
-        steps = getattr(args, "steps", None)
-        if steps is not None and hasattr(args, "image_size"):
-            check_steps((args.image_size // args.downsample_size) ** 2, steps)
+        """Read the shared schedule flags (`sample/orders.py`: `--order`, `--sample-schedule`,
+        `--group-sizes`, `--cfg-schedule`, ...); refuse a `--step` above the token count or one the
+        schedule cannot serve, and `--cfg-interval` (ARPG has none)."""
+        self.schedule = Schedule.from_args(args, order="random", step_schedule="arccos")
+        self.cfg_schedule = getattr(args, "cfg_schedule", None) or "linear"
+        self._check_cfg_schedule()
+        if "steps" in vars(args) and hasattr(args, "image_size"):  # sampling: fail before loading
+            n = (args.image_size // args.downsample_size) ** 2
+            self.schedule.sizes(n, args.steps, min(DEFAULT_STEPS, n))
         if getattr(args, "cfg_interval", -1) != -1:
             raise ValueError("arpg has no --cfg-interval: use --cfg-schedule linear or constant")
 
-    def _check_schedules(self) -> None:
-        if self.sample_schedule not in schedule_names():
-            raise ValueError(f"unknown --sample-schedule {self.sample_schedule!r}; "
-                             f"known: {', '.join(schedule_names())}")
+    def _check_cfg_schedule(self) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"unknown --cfg-schedule {self.cfg_schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
 
@@ -127,13 +99,9 @@ class ArpgStrategy(RasterStrategy):
             out.append(CFG_SCHEDULES[self.cfg_schedule](cfg_scale, known, total))
         return out
 
-    def _check_call(self, model: ARPG, labels: torch.Tensor, cfg_scale: float, temperature: float) -> None:
-        if model.training:
-            raise ValueError("generate needs the model in eval mode (call model.eval())")
-        check_cfg_scale(cfg_scale)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.check_labels(labels, model.num_classes)
+    def decoding_steps(self, model: ARPG, steps: int | None = None) -> int:
+        n = model.config.block_size
+        return len(self.schedule.sizes(n, steps, min(DEFAULT_STEPS, n)))
 
     @torch.no_grad()
     def generate(self, model: ARPG, labels: torch.Tensor, *, cfg_scale: float = 1.0,
@@ -142,15 +110,15 @@ class ArpgStrategy(RasterStrategy):
                  generator: Generator | None = None,
                  record_logits: list | None = None) -> torch.Tensor:
         """Sample (B, N) raster token ids (int64) for labels (B,) in `steps` steps (default
-        min(64, N)); a random order from `generator` (required, also for temperature 0).
-        `record_logits` receives per step the (B, G, V) logits after CFG (generation order)."""
-        self._check_call(model, labels, cfg_scale, temperature)
+        min(64, N)) under the configured schedule; the order is drawn from `generator` (required
+        unless raster, also for temperature 0). `record_logits` receives per step the (B, G, V)
+        logits after CFG (generation order)."""
+        self.check_call(model, labels, model.num_classes, cfg_scale, temperature, require_generator=False)
         if cfg_interval != -1:
             raise ValueError("arpg has no cfg_interval: use the linear or constant CFG schedule")
         n = model.config.block_size
-        sizes = group_sizes(self.sample_schedule, n, min(DEFAULT_STEPS, n) if steps is None else steps)
-        device = model.embeddings.weight.device
-        order = random_order(torch.arange(n, device=device), labels.shape[0], generator)
+        sizes = self.schedule.sizes(n, steps, min(DEFAULT_STEPS, n))
+        order = self.schedule.orders(labels.shape[0], sizes, generator, model.embeddings.weight.device)
         return self.decode(model, labels, order, sizes, cfg_scale=cfg_scale, temperature=temperature,
                            top_k=top_k, top_p=top_p, generator=generator, record_logits=record_logits)
 
@@ -160,23 +128,15 @@ class ArpgStrategy(RasterStrategy):
              top_k: int = 0, top_p: float = 1.0, steps: int | None = None,
              generator: Generator | None = None, record_logits: list | None = None) -> torch.Tensor:
         """Keep `known_tokens` (B, N) where `known_mask` (N,) or (grid, grid) is True; generate the
-        rest for `labels` (B,) in a random order over `steps` steps (default min(64, unknown))."""
-        self._check_call(model, labels, cfg_scale, temperature)
+        rest for `labels` (B,) in the configured order over `steps` steps (default min(64, unknown))
+        of the configured step schedule, over the unknown tokens."""
+        self.check_call(model, labels, model.num_classes, cfg_scale, temperature, require_generator=False)
         n, device = model.config.block_size, model.embeddings.weight.device
-        if known_mask.dtype != torch.bool or known_mask.numel() != n:
-            grid = model.config.grid_size
-            raise ValueError(f"the mask must be a boolean tensor of {n} cells ({grid} x {grid} tokens), "
-                             f"got {known_mask.dtype} of shape {tuple(known_mask.shape)}")
-        if known_tokens.shape != (labels.shape[0], n):
-            raise ValueError(f"known_tokens must be (B, N) = ({labels.shape[0]}, {n}), got {tuple(known_tokens.shape)}")
-        known_mask = known_mask.reshape(n).to(device)
+        known_mask = check_known(known_tokens, known_mask, labels.shape[0], n).to(device)
+        n_u = int((~known_mask).sum())
+        sizes = self.schedule.sizes(n_u, steps, min(DEFAULT_STEPS, n_u), grid_tokens=n)
+        order = self.schedule.orders(labels.shape[0], sizes, generator, device, known=known_mask)
         known = known_mask.nonzero().squeeze(1)  # (M,) raster order
-        unknown = (~known_mask).nonzero().squeeze(1)  # (N_u,)
-        if unknown.numel() == 0:
-            raise ValueError("the mask leaves nothing to generate: every token is known")
-        n_u = unknown.numel()
-        sizes = group_sizes(self.sample_schedule, n_u, min(DEFAULT_STEPS, n_u) if steps is None else steps)
-        order = random_order(unknown, labels.shape[0], generator)
         return self.decode(model, labels, order, sizes, known_positions=known,
                            known_tokens=known_tokens.to(device)[:, known], cfg_scale=cfg_scale,
                            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,

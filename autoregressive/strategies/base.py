@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from autoregressive.sample.logits import Generator
+from autoregressive.sample.logits import Generator, check_cfg_scale
 
 
 @dataclass
@@ -140,6 +140,20 @@ class Strategy(ABC):
         orders can do this; the others refuse."""
         raise NotImplementedError(f"the {self.name!r} strategy cannot edit images: it only generates "
                                   f"in a fixed order (use an arbitrary-order strategy such as arpg)")
+
+    def check_call(self, model: nn.Module, labels: torch.Tensor, num_classes: int, cfg_scale: float,
+                   temperature: float, generator: Generator | None = None, *,
+                   require_generator: bool = True, what: str = "generate") -> None:
+        """The checks every sampling loop starts with: eval mode, a guidance scale >= 1, a
+        temperature >= 0, an explicit generator when sampling, and class ids in range."""
+        if model.training:
+            raise ValueError(f"{what} needs the model in eval mode (call model.eval())")
+        check_cfg_scale(cfg_scale)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if require_generator and temperature > 0 and generator is None:
+            raise ValueError("sampling (temperature > 0) needs an explicit generator; temperature 0 is greedy")
+        self.check_labels(labels, num_classes)
 
     @staticmethod
     def check_labels(labels: torch.Tensor, num_classes: int) -> None:

@@ -1,9 +1,10 @@
 """`lpd`: locality-aware parallel decoding (arXiv 2507.01957; `specs/lpd.md`).
 
-Schedule: order = a locality-aware order (`sample/lpd_order.py`: generated on the fly from each
-image's seed, or read from an order file), a uniformly random one, or raster; group sizes = the
-official table for the grid and `--steps` (20 / 32 at 256 px, 48 at 512 px, ...), an explicit
-`--group-sizes` list, or `--group-schedule cosine` for grids without a table.
+Schedule (`sample/orders.py`, shared with ARPG): by default, as officially, a locality-aware
+order (`sample/lpd_order.py`, generated on the fly from each image's seed; or `--order FILE`) and
+the official group-size table for the grid and `--steps` (20 / 32 at 256 px, 48 at 512 px, ...);
+the shared flags choose any other (`--order random | raster`, `--sample-schedule cosine | arccos`
+for grids without a table, `--group-sizes`).
 Training (spec 4.2): one schedule drawn per step from the grid's training list, one uniformly
 random order per sample and label dropout to `fake_latent`, all from the driver's generator; the
 model predicts every token from the position queries of its group (`models/lpd.py`).
@@ -15,8 +16,9 @@ index t) or `constant`.
 Differences from the official code, on purpose: orders and label dropout come from explicit
 generators (the official `np.random.shuffle` / `torch.rand` / unseeded order files are not
 reproducible); with a per-row sampler every image draws its own order (an image does not depend on
-its batch-mates); an order file's row for an image is drawn from the image's seed (officially
-image k takes row k); cfg_scale 1 runs no unconditional half; a scale below 1 is refused.
+its batch-mates; a `torch.Generator` draws one order for the batch); an order file's row for an
+image is drawn from the image's seed (officially image k takes row k); cfg_scale 1 runs no
+unconditional half; a scale below 1 is refused.
 """
 from __future__ import annotations
 
@@ -27,21 +29,18 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from autoregressive.models.lpd import (LPD, LPD_SIZES, block_causal_mask, build_lpd, interpolate_pos_embed)
 from autoregressive.models.official import read_gpt_checkpoint
 from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_enabled, check_cfg_scale
-from autoregressive.sample.lpd_order import (GROUP_SIZES_LOOKUP, OFFICIAL_REPULSION, check_group_sizes, cosine_group_sizes, load_orders,
-                                             lookup_group_sizes, orders_for_seeds, training_group_sizes)
-from autoregressive.sample.row_rng import RowRNG
+from autoregressive.sample.logits import Generator, cfg_enabled
+from autoregressive.sample.lpd_order import training_group_sizes
+from autoregressive.sample.orders import CFG_SCHEDULES, Schedule, check_known
+from autoregressive.sample.schedules import check_group_sizes
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from utils.checkpoint import CheckpointError, load_state_dict_strict
 
-ORDERS = ("lpd", "random", "raster")  # or a path to an order file
-CFG_SCHEDULES = ("linear", "constant")
 #: Steps when `--steps` is not given: the official evaluation settings; other grids: one token per step.
 DEFAULT_STEPS = {16: 20, 32: 48}
 #: The official factory names (`--model` of the official main.py) -> our sizes.
@@ -79,55 +78,29 @@ class LpdStrategy(Strategy):
 
     def __init__(self) -> None:
         # The official sampler's defaults until `configure` reads the flags.
-        self.order = "lpd"
+        self.schedule = Schedule(order="lpd", step_schedule="lpd")
         self.cfg_schedule = "linear"
-        self.group_sizes: list[int] | None = None  # --group-sizes
-        self.group_schedule: str | None = None  # --group-schedule
-        self.proximity = 1.0
-        self.repulsion: float | None = None  # None: the official setting of the grid / steps, else 1.0
         self.train_schedules: list[list[int]] | None = None  # --group-sizes-list
         self.label_drop_prob = 0.1  # the model's, set by build_model
-        self._order_file: tuple[np.ndarray, list[int] | None] | None = None
 
     # -- flags ------------------------------------------------------------------------------------
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--order", type=str, default="lpd",
-                           help="lpd: generation order: lpd (locality-aware, generated per image from its seed), "
-                                "random, raster, or an order file (JSON from scripts/autoregressive/lpd_orders.sh "
-                                "or the official lpd_orders_generated/*.json)")
-        group.add_argument("--group-sizes", type=str, default=None,
-                           help="lpd: tokens per step as a JSON list summing to the token count (official "
-                                "--group_sizes); default: the official table for the grid and --steps")
-        group.add_argument("--group-schedule", type=str, default=None, choices=["cosine"],
-                           help="lpd: group sizes for a --steps the official table lacks (e.g. small grids)")
-        group.add_argument("--proximity-threshold", type=float, default=1.0,
-                           help="lpd order: a cell qualifies when its generated neighbours' 1/distance sum reaches this")
-        group.add_argument("--repulsion-threshold", type=float, default=None,
-                           help="lpd order: cells of one group lie farther apart than this (Chebyshev); "
-                                "default: the official setting (2.0 at 256 px / 20 and 32 steps, 4.0 at 512 px / 48), else 1.0")
+        # The sampling schedule flags (--order, --group-sizes, ...) are shared: `sample/orders.py`.
         group.add_argument("--group-sizes-list", type=str, default=None,
                            help="lpd training: JSON file with the schedules one is drawn from per step (official "
                                 "--group_sizes_list); default: the official list of the grid")
 
     def configure(self, args: argparse.Namespace) -> None:
-        """Read the flags; check the order file against the grid and that `--steps` has a schedule."""
-        self.order = getattr(args, "order", self.order)
-        self.cfg_schedule = getattr(args, "cfg_schedule", self.cfg_schedule)  # the drivers' --cfg-schedule
+        """Read the shared schedule flags and `--group-sizes-list`; check an order file against the
+        grid and that `--steps` has a schedule, before any weight is loaded."""
+        self.schedule = Schedule.from_args(args, order="lpd", step_schedule="lpd")
+        self.cfg_schedule = getattr(args, "cfg_schedule", None) or "linear"
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"lpd: unknown --cfg-schedule {self.cfg_schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
         if getattr(args, "cfg_interval", -1) != -1:
             raise ValueError("lpd has no --cfg-interval: use --cfg-schedule linear or constant")
-        self.proximity = getattr(args, "proximity_threshold", self.proximity)
-        self.repulsion = getattr(args, "repulsion_threshold", self.repulsion)
-        self.group_schedule = getattr(args, "group_schedule", self.group_schedule)
-        text = getattr(args, "group_sizes", None)
-        if text is not None:
-            try:
-                self.group_sizes = [int(g) for g in json.loads(text)]
-            except (ValueError, TypeError):
-                raise ValueError(f"--group-sizes must be a JSON list of integers, got {text!r}") from None
         path = getattr(args, "group_sizes_list", None)
         if path is not None:
             self.train_schedules = [list(s) for s in json.loads(Path(path).read_text())]
@@ -137,10 +110,6 @@ class LpdStrategy(Strategy):
         if self.train_schedules is not None:
             for s in self.train_schedules:
                 check_group_sizes(s, n, what=f"a schedule of --group-sizes-list {path}")
-        if self.order not in ORDERS:
-            if not os.path.isfile(self.order):
-                raise ValueError(f"--order must be one of {', '.join(ORDERS)} or an order file; {self.order!r} is neither")
-            self._order_file = load_orders(self.order, math.isqrt(n))
         if "steps" in vars(args):  # sampling: resolve the schedule now, so a bad one fails before loading
             self.schedule_sizes(n, args.steps)
 
@@ -206,78 +175,10 @@ class LpdStrategy(Strategy):
     # -- schedules --------------------------------------------------------------------------------
 
     def schedule_sizes(self, num_tokens: int, steps: int | None) -> list[int]:
-        """Group sizes for `num_tokens` tokens: `--group-sizes`, the official table, the order
-        file's, or `--group-schedule`; anything unresolvable is a ValueError saying what to pass."""
+        """Group sizes for the whole grid of `num_tokens` tokens (default steps: the official
+        evaluation setting of the grid, else one token per step)."""
         grid = math.isqrt(num_tokens)
-        if self.group_sizes is not None:
-            sizes = check_group_sizes(self.group_sizes, num_tokens, what="--group-sizes")
-            if steps is not None and steps != len(sizes):
-                raise ValueError(f"--steps {steps} contradicts --group-sizes, which has {len(sizes)} steps")
-            return sizes
-        file_sizes = self._order_file[1] if self._order_file is not None else None
-        if steps is None and file_sizes is not None:
-            return list(file_sizes)
-        if steps is None:
-            steps = DEFAULT_STEPS.get(grid, num_tokens) if grid * grid == num_tokens else num_tokens
-        sizes = lookup_group_sizes(grid, steps) if grid * grid == num_tokens else None
-        if sizes is None and steps == num_tokens:  # one token per step needs no table
-            sizes = [1] * num_tokens
-        if sizes is None and self.group_schedule == "cosine":
-            sizes = cosine_group_sizes(num_tokens, steps)
-        if sizes is None:
-            known = sorted(GROUP_SIZES_LOOKUP.get(grid, {}))
-            raise ValueError(f"no group sizes for {steps} steps over {num_tokens} tokens: the official table has "
-                             f"{known or 'no entries'} for a {grid}x{grid} grid; pass --group-sizes or "
-                             f"--group-schedule cosine")
-        if file_sizes is not None and file_sizes != sizes:
-            raise ValueError(f"the order file {self.order} was generated for group sizes {file_sizes}, "
-                             f"but --steps {steps} gives {sizes}")
-        return sizes
-
-    def repulsion_for(self, grid: int, steps: int) -> float:
-        if self.repulsion is not None:
-            return self.repulsion
-        return OFFICIAL_REPULSION.get((grid, steps), 1.0)
-
-    def orders(self, batch_size: int, sizes: list[int], generator: Generator | None,
-               device: torch.device, cells: torch.Tensor | None = None,
-               known: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, M) generation orders of the M = len(cells) cells to generate (default: all N).
-
-        `known` (N,) bool marks cells that are context (editing): the locality-aware order then
-        grows from them. Random draws come from `generator` (per row for a `RowRNG`).
-        """
-        n = known.numel() if known is not None else sum(sizes)
-        grid = math.isqrt(n)
-        cells = torch.arange(n, device=device) if cells is None else cells.to(device)
-        if self.order == "raster":
-            return cells.expand(batch_size, -1)
-        if generator is None:
-            raise ValueError(f"--order {self.order} is drawn at random: pass a generator (also for temperature 0)")
-        u = _row_uniform(generator, batch_size, 1, device)[:, 0]  # (B,) one draw per image
-        if self.order == "random":
-            keys = _row_uniform(generator, batch_size, cells.numel(), device)  # (B, M)
-            return cells[keys.argsort(dim=1)]
-        if self.order == "lpd":
-            seeds = (u * 2.0 ** 53).long().tolist()
-            known_np = known.cpu().numpy() if known is not None else None
-            out = orders_for_seeds(sizes, grid, seeds, proximity_threshold=self.proximity,
-                                   repulsion_threshold=self.repulsion_for(grid, len(sizes)), known=known_np)
-            return torch.from_numpy(out).to(device)
-        table = torch.from_numpy(self._order_file_orders(n)).to(device)  # (R, N)
-        rows = table[(u * table.shape[0]).long().clamp_(max=table.shape[0] - 1)]  # (B, N)
-        if known is not None:  # keep the file's relative order of the cells to generate
-            keep = ~known.to(device)[rows]
-            rows = rows[keep].reshape(batch_size, -1)
-        return rows
-
-    def _order_file_orders(self, n: int) -> np.ndarray:
-        if self._order_file is None:
-            self._order_file = load_orders(self.order, math.isqrt(n))
-        if self._order_file[0].shape[1] != n:
-            raise ValueError(f"the order file {self.order} holds orders of {self._order_file[0].shape[1]} "
-                             f"tokens, but the model generates {n}")
-        return self._order_file[0]
+        return self.schedule.sizes(num_tokens, steps, DEFAULT_STEPS.get(grid, num_tokens))
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -293,12 +194,11 @@ class LpdStrategy(Strategy):
         """Sample (B, N) raster token ids for labels (B,) with the configured order and `steps`
         (default: 20 at 16x16, 48 at 32x32, else N). `record_logits` receives per step the
         (B, G, V) logits after CFG, in generation order."""
-        self._check_call(model, labels, cfg_scale, temperature)
+        self.check_call(model, labels, model.num_classes, cfg_scale, temperature, require_generator=False)
         if cfg_interval != -1:
             raise ValueError("lpd has no cfg_interval: use the linear or constant CFG schedule")
-        n = model.config.block_size
-        sizes = self.schedule_sizes(n, steps)
-        order = self.orders(labels.shape[0], sizes, generator, model.pos_embed.device)
+        sizes = self.schedule_sizes(model.config.block_size, steps)
+        order = self.schedule.orders(labels.shape[0], sizes, generator, model.pos_embed.device)
         return decode_lpd(model, labels, order, sizes, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                           record_logits=record_logits)
@@ -308,50 +208,22 @@ class LpdStrategy(Strategy):
              known_mask: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, steps: int | None = None,
              generator: Generator | None = None, record_logits: list | None = None) -> torch.Tensor:
-        """Keep `known_tokens` (B, N) where `known_mask` (N,) is True (context at step 0, one group
-        seen by every query); generate the rest in the configured order (locality-aware: grown from
-        the known cells) over `steps` cosine-schedule steps (default: N_unknown / N of the grid's
-        default step count, at least 1)."""
-        self._check_call(model, labels, cfg_scale, temperature)
+        """Keep `known_tokens` (B, N) where `known_mask` (N,) or (grid, grid) is True (context at
+        step 0, one group seen by every query); generate the rest in the configured order
+        (locality-aware: grown from the known cells) over `steps` steps (default: N_unknown / N of
+        the grid's default step count, at least 1; the official table, made for whole grids,
+        gives way to its cosine curve over the unknown tokens)."""
+        self.check_call(model, labels, model.num_classes, cfg_scale, temperature, require_generator=False)
         n, device = model.config.block_size, model.pos_embed.device
-        if known_mask.dtype != torch.bool or known_mask.numel() != n:
-            raise ValueError(f"the mask must be a boolean tensor of {n} cells, got {known_mask.dtype} "
-                             f"of shape {tuple(known_mask.shape)}")
-        if known_tokens.shape != (labels.shape[0], n):
-            raise ValueError(f"known_tokens must be (B, N) = ({labels.shape[0]}, {n}), got {tuple(known_tokens.shape)}")
-        known_mask = known_mask.reshape(n).to(device)
-        unknown = (~known_mask).nonzero().squeeze(1)
-        if unknown.numel() == 0:
-            raise ValueError("the mask leaves nothing to generate: every token is known")
-        n_u = unknown.numel()
-        if steps is None:
-            steps = max(1, round(len(self.schedule_sizes(n, None)) * n_u / n))
-        sizes = cosine_group_sizes(n_u, min(steps, n_u)) if self.group_sizes is None else \
-            check_group_sizes(self.group_sizes, n_u, what="--group-sizes (editing: over the unknown tokens)")
-        order = self.orders(labels.shape[0], sizes, generator, device, cells=unknown, known=known_mask)
+        known_mask = check_known(known_tokens, known_mask, labels.shape[0], n).to(device)
+        n_u = int((~known_mask).sum())
+        default = max(1, round(DEFAULT_STEPS.get(math.isqrt(n), n) * n_u / n))
+        sizes = self.schedule.sizes(n_u, steps, default, grid_tokens=n)
+        order = self.schedule.orders(labels.shape[0], sizes, generator, device, known=known_mask)
         return decode_lpd(model, labels, order, sizes, known_tokens=known_tokens.to(device),
                           known_mask=known_mask, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                           record_logits=record_logits)
-
-    def _check_call(self, model: LPD, labels: torch.Tensor, cfg_scale: float, temperature: float) -> None:
-        if model.training:
-            raise ValueError("generate needs the model in eval mode (call model.eval())")
-        check_cfg_scale(cfg_scale)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.check_labels(labels, model.num_classes)
-
-
-def _row_uniform(generator: Generator, batch_size: int, m: int, device: torch.device) -> torch.Tensor:
-    """(B, m) uniforms: per image from a `RowRNG`, else from a `torch.Generator`."""
-    if isinstance(generator, RowRNG):
-        if generator.seeds.shape[0] != batch_size:
-            raise ValueError(f"the per-row sampler has {generator.seeds.shape[0]} rows for {batch_size} images")
-        return generator.uniform((m,)).to(device)
-    if isinstance(generator, torch.Generator):
-        return torch.rand(batch_size, m, generator=generator, device=generator.device).to(device)
-    raise TypeError(f"cannot draw an order from a {type(generator).__name__}")
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from autoregressive.models.par import (PARTransformer, build_par, check_par_shape, check_par_tokens,
                                        par_group_sizes, par_order)
 from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_labels, check_cfg_scale
+from autoregressive.sample.logits import Generator, cfg_labels
 from autoregressive.strategies.base import TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
 
@@ -119,12 +119,7 @@ class ParStrategy(RasterStrategy):
         Arguments as `RasterStrategy.generate`; `steps` must be None or N/n + n - 1 (PAR's
         schedule is fixed by n); `record_logits` receives per step the (B, G, V) guided logits.
         """
-        if model.training:
-            raise ValueError("generate needs the model in eval mode (call model.eval())")
-        check_cfg_scale(cfg_scale)
-        if temperature > 0 and generator is None:
-            raise ValueError("sampling (temperature > 0) needs an explicit generator; temperature 0 is greedy")
-        self.check_labels(labels, model.num_classes)
+        self.check_call(model, labels, model.num_classes, cfg_scale, temperature, generator)
         n, num_tokens = model.ar_token_num, model.config.block_size
         if steps is not None and steps != self.num_steps(num_tokens, n):
             raise ValueError(f"PAR-{n}x decodes {num_tokens} tokens in {self.num_steps(num_tokens, n)} steps "

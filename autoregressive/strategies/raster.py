@@ -18,7 +18,7 @@ from autoregressive.models.official import (
     check_args_agree, gpt_kwargs_from_args, load_weights_strict, read_gpt_checkpoint,
 )
 from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_guided, cfg_labels, check_cfg_scale
+from autoregressive.sample.logits import Generator, cfg_guided, cfg_labels
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from utils.checkpoint import CheckpointError
 
@@ -88,12 +88,7 @@ class RasterStrategy(Strategy):
             record_logits: if a list, receives per token the (B, V) logits after CFG, before
                 temperature and filtering (what the parity fixtures record).
         """
-        if model.training:
-            raise ValueError("generate needs the model in eval mode (call model.eval())")
-        check_cfg_scale(cfg_scale)
-        if temperature > 0 and generator is None:
-            raise ValueError("sampling (temperature > 0) needs an explicit generator; temperature 0 is greedy")
-        self.check_labels(labels, model.num_classes)
+        self.check_call(model, labels, model.num_classes, cfg_scale, temperature, generator)
         n = model.config.block_size
         if steps is not None and steps != n:
             raise ValueError(f"raster decoding takes one step per token: steps must be {n}, got {steps}")
