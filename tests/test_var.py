@@ -128,6 +128,91 @@ def test_official_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
+# Zero-shot editing: masked teacher forcing over the scales
+# ---------------------------------------------------------------------------------------------
+
+
+def test_finest_mask_is_pooled_to_every_scale():
+    known = torch.tensor([[True, False, False]] * 3)  # 3x3 finest grid: regenerate the right two columns
+    keep = VarStrategy.known_per_scale(known, PN)
+    # scale 1: touches the known column; scale 2 (area windows cols [0,2), [1,3)): the right column is
+    # all in the region; scale 3: the mask itself
+    assert keep.tolist() == [True, True, False, True, False] + known.reshape(-1).tolist()
+    explicit = torch.rand(14) < 0.5
+    assert torch.equal(VarStrategy.known_per_scale(explicit, PN), explicit)
+
+
+@pytest.mark.parametrize("case", ["coarse-known", "all-scales"])
+def test_edit_keeps_known_tokens_and_equals_masked_teacher_forcing(case):
+    """Greedy guided editing with the KV cache = a full recompute that teacher-forces the known
+    tokens at every scale; the known tokens never change, also when sampling."""
+    model, tok = tiny_var(), tiny_tokenizer()
+    strategy = strategy_with(tok)
+    g = torch.Generator().manual_seed(3)
+    known_tokens = torch.randint(0, 16, (2, 14), generator=g)
+    keep = torch.rand(14, generator=g) < 0.5
+    if case == "coarse-known":
+        keep[:5] = True  # scales 1 and 2 fully known: run as context only
+    else:
+        keep[0] = False
+    labels, cfg_scale, sn = torch.tensor([1, 3]), 3.0, len(PN)
+    seen: list[torch.Tensor] = []
+    out = strategy.edit(model, labels, known_tokens, keep, cfg_scale=cfg_scale, temperature=0.0, record_logits=seen)
+    ref, ref_logits = known_tokens.clone(), []
+    both = torch.cat([labels, torch.full_like(labels, 5)])
+    with torch.no_grad():
+        for si, (b, e) in enumerate(model.begin_ends):
+            x = tok.quantize.ids_to_var_input(tok.split_ids(ref.repeat(2, 1)))
+            logits = model(both, x)[0][:, b:e]
+            scale = 1 + (cfg_scale - 1) * si / (sn - 1)
+            guided = combine_cfg(logits, scale) if si > 0 else logits[:2]
+            ref[:, b:e] = torch.where(keep[b:e], ref[:, b:e], guided.argmax(-1))
+            if not bool(keep[b:e].all()):
+                ref_logits.append(guided[:, ~keep[b:e]])
+    assert torch.equal(out, ref)
+    assert len(seen) == len(ref_logits)
+    for a, r in zip(seen, ref_logits):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    drawn = strategy.edit(model, labels, known_tokens, keep, cfg_scale=2.0, top_k=8,
+                          generator=RowRNG(torch.tensor([5, 6])))
+    assert torch.equal(drawn[:, keep], known_tokens[:, keep]) and int(drawn.min()) >= 0
+
+
+def test_bad_edit_mask_is_refused():
+    model, tok = tiny_var(), tiny_tokenizer()
+    strategy = strategy_with(tok)
+    labels, known = torch.tensor([1]), torch.zeros(1, 14, dtype=torch.long)
+    for mask, what in ((torch.ones(9), "boolean"), (torch.ones(16, dtype=torch.bool), "9 cells"),
+                       (torch.ones(3, 3, dtype=torch.bool), "nothing to generate")):
+        with pytest.raises(ValueError, match=what):
+            strategy.edit(model, labels, known, mask, temperature=0.0)
+    regen_all = torch.zeros(9, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"\(B, L\) = \(1, 14\)"):
+        strategy.edit(model, labels, known[:, :9], regen_all, temperature=0.0)
+    with pytest.raises(ValueError, match="code ids must lie in"):
+        strategy.edit(model, labels, known + 16, regen_all, temperature=0.0)
+    assert strategy.edit(model, labels, known, regen_all, temperature=0.0).shape == (1, 14)
+
+
+def test_edit_command_with_var(tmp_path):
+    """`autoregressive/sample/edit.py --strategy var`: image in, row of results out."""
+    from PIL import Image
+
+    from autoregressive.sample import edit
+
+    torch.save(msvq_checkpoint(tiny_tokenizer()), tmp_path / "msvq.pt")
+    torch.save(build_var(depth=1, patch_nums=PN, num_classes=10, vocab_size=16, Cvae=4).state_dict(),
+               tmp_path / "var.pth")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 50, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    argv = ["--strategy", "var", "--gpt-ckpt", str(tmp_path / "var.pth"), "--vq-ckpt", str(tmp_path / "msvq.pt"),
+            "--image-size", "48", "--pn", "1_2_3", "--depth", "1", "--num-classes", "10", "--image",
+            str(tmp_path / "in.png"), "--class-id", "3", "--box", "16,0,48,48", "--num-samples", "2",
+            "--out", str(tmp_path / "out.png"), "--device", "cpu", "--precision", "none"]
+    out = edit.main(edit.build_parser().parse_args(argv))
+    assert Image.open(out).size[0] > 4 * 48
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
 
@@ -211,25 +296,36 @@ def test_sampling_driver_loads_var_and_its_tokenizer(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_two_ranks_learn(tmp_path):
-    """torchrun, 2 CPU ranks, official flag names (--depth --tblr --bs --ep --wpe): the loss falls."""
+def test_extracted_codes_train_on_two_ranks(tmp_path):
+    """Multi-scale codes from `extract_codes_c2i.py` (a tiny folder, our VQVAE checkpoint), then
+    torchrun, 2 CPU ranks, official flag names (--depth --tblr --bs --ep --wpe): the loss falls.
+    Codes of another VQVAE are refused before training."""
+    from autoregressive.train import extract_codes_c2i
+    from dataset.digits import digit_to_pil, load_digits_arrays
+    from dataset.codes import CodesError
+
     tok = tiny_tokenizer()
     torch.save(msvq_checkpoint(tok), tmp_path / "msvq.pt")
+    images, labels = load_digits_arrays("train")
+    folder = tmp_path / "folder"
+    for i in range(40):
+        (folder / f"c{labels[i]}").mkdir(parents=True, exist_ok=True)
+        digit_to_pil(images[i], 48).save(folder / f"c{labels[i]}" / f"{i}.png")
     codes = tmp_path / "codes"
-    (codes / "digits48_codes").mkdir(parents=True)
-    (codes / "digits48_labels").mkdir(parents=True)
-    rng = np.random.RandomState(0)
-    for k in range(96):
-        y = k % 10
-        base = (y * 3 + np.arange(14)) % 16
-        views = np.stack([base, (base + rng.randint(0, 2, 14)) % 16])[None]
-        np.save(codes / "digits48_codes" / f"{k}.npy", views.astype(np.int64))
-        np.save(codes / "digits48_labels" / f"{k}.npy", np.array([y], dtype=np.int64))
+    extract_codes_c2i.main(extract_codes_c2i.build_parser().parse_args(
+        ["--dataset", "folder", "--data-path", str(folder), "--image-size", "48", "--vq-model", "MSVQ-16",
+         "--vq-ckpt", str(tmp_path / "msvq.pt"), "--code-path", str(codes), "--num-workers", "0", "--device", "cpu"]))
+    assert np.load(codes / "folder48_codes" / "0.npy").shape == (1, 2, 14)  # image and mirror, 1 + 4 + 9 ids
+
+    torch.save(msvq_checkpoint(tiny_tokenizer(ch=4)), tmp_path / "other.pt")
+    with pytest.raises(CodesError, match="another tokenizer"):
+        VarStrategy().configure(var_args(code_path=str(codes), dataset="folder", vae_ckpt=str(tmp_path / "other.pt")))
+
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 1000),
            "autoregressive/train/train_c2i.py", "--strategy", "var", "--code-path", str(codes),
-           "--dataset", "digits", "--image-size", "48", "--pn", "1_2_3", "--vae-ckpt", str(tmp_path / "msvq.pt"),
+           "--dataset", "folder", "--image-size", "48", "--pn", "1_2_3", "--vae-ckpt", str(tmp_path / "msvq.pt"),
            "--vocab-size", "16", "--num-classes", "10", "--depth", "2", "--alng", "1e-3",
-           "--dropout-p", "0", "--token-dropout-p", "0", "--bs", "16", "--ep", "6", "--tblr", "0.1",
+           "--dropout-p", "0", "--token-dropout-p", "0", "--bs", "8", "--ep", "3", "--tblr", "0.1",
            "--wpe", "0.1", "--num-workers", "0", "--log-every", "3", "--ckpt-every", "100",
            "--results-dir", str(tmp_path / "results"), "--device", "cpu"]
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -238,3 +334,18 @@ def test_two_ranks_learn(tmp_path):
     curve = [float(line.split("train/loss ")[1].split(",")[0]) for line in res.stderr.splitlines()
              if "train/loss " in line]
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
+
+    # Interrupted at step 5 and resumed: the same weights as the uninterrupted run above.
+    first = next((tmp_path / "results").iterdir()) / "checkpoints"
+    final = sorted(first.glob("*.pt"))[-1]
+    part = [*cmd[:cmd.index("--results-dir")], "--results-dir", str(tmp_path / "part"), "--device", "cpu"]
+    res = subprocess.run([*part, "--max-steps", "5"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = next((tmp_path / "part").iterdir())
+    res = subprocess.run([*part, "--resume", str(run_dir)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = torch.load(final, weights_only=True)["model"]
+    b = torch.load(run_dir / "checkpoints" / final.name, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

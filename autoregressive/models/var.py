@@ -30,8 +30,12 @@ from autoregressive.models.kv_cache import KVCache, LayerKVCache
 from autoregressive.models.layers import DropPath
 from tokenizer.msvq import PATCH_NUMS, parse_patch_nums
 
-#: `--gpt-model` names of the released depths (`models/__init__.py: build_vae_var` sizing rule).
-VAR_SIZES: dict[str, int] = {"VAR-d16": 16, "VAR-d20": 20, "VAR-d24": 24, "VAR-d30": 30, "VAR-d36": 36}
+#: `--gpt-model` names: the released depths (`models/__init__.py: build_vae_var` sizing rule) and VAR-debug.
+VAR_SIZES: dict[str, int] = {"VAR-d16": 16, "VAR-d20": 20, "VAR-d24": 24, "VAR-d30": 30, "VAR-d36": 36,
+                             "VAR-debug": 4}
+#: Sizes off the official width rule: `VAR-debug` is ours, for the tests and the CPU demo
+#: (the width and heads of GPT-debug).
+VAR_WIDTHS: dict[str, dict[str, int]] = {"VAR-debug": dict(embed_dim=128, num_heads=4)}
 
 
 @dataclass
@@ -367,6 +371,8 @@ def build_var(gpt_model: str | None = None, init: dict[str, float] | None = None
         depth = config.setdefault("depth", VAR_SIZES[gpt_model])
         if depth != VAR_SIZES[gpt_model]:
             raise ValueError(f"{gpt_model} has depth {VAR_SIZES[gpt_model]}, but depth={depth} was asked for")
+        for k, v in VAR_WIDTHS.get(gpt_model, {}).items():
+            config.setdefault(k, v)
     model = VAR(VARConfig(**config))
     if init is not None:
         model.init_weights(**init)

@@ -3,6 +3,9 @@
     python autoregressive/sample/edit.py --strategy arpg --gpt-model ARPG-L --gpt-ckpt pretrained_models/arpg_300m.pt \
         --vq-ckpt pretrained_models/vq_ds16_c2i.pt --image-size 256 --image dog.jpg --box 64,64,192,192 \
         --class-id 207 --cfg-scale 4.0 --out edit.png
+    python autoregressive/sample/edit.py --strategy lpd --gpt-model LPD-L --gpt-ckpt pretrained_models/lpd_l_256.pt \
+        --vq-ckpt pretrained_models/vq_ds16_c2i.pt --image-size 256 --image dog.jpg --outpaint-border 3 \
+        --class-id 207 --cfg-scale 4.0 --out outpaint.png
 
 The image is centre-cropped to `--image-size` and tokenized; the region to regenerate is given by
 `--mask` (a PNG of the image's size, white = regenerate), `--box x0,y0,x1,y1` (pixels of the
@@ -10,7 +13,14 @@ cropped image) or `--outpaint-border K` (the K outer rings of tokens). A token i
 its cell touches the region. The other tokens stay as context and the strategy's `edit` generates
 the rest for `--class-id` (the image's own class: inpainting / outpainting; another class:
 class-conditional editing). Output: one row [input, input with the region greyed, K results].
-Only strategies that generate in arbitrary orders (arpg) can edit.
+Only strategies that generate in arbitrary orders (arpg, lpd) can edit, and VAR by masked teacher forcing
+over its scales: `--strategy var` tokenizes with its multi-scale VQVAE (`--vq-ckpt`), the token mask
+is the finest scale's and is pooled to the coarser scales (`VarStrategy.known_per_scale`):
+    python autoregressive/sample/edit.py --strategy var --gpt-model VAR-d16 --gpt-ckpt pretrained_models/var_d16.pth \
+        --vq-ckpt pretrained_models/vae_ch160v4096z32.pth --image-size 256 --image dog.jpg --box 64,64,192,192 \
+        --class-id 207 --cfg-scale 4.0 --top-k 900 --top-p 0.95 --out edit.png
+For arpg and lpd the schedule flags (`--order`, `--sample-schedule`, `--step`, ...) apply to the
+regenerated tokens; LPD's locality-aware order grows from the kept ones.
 """
 from __future__ import annotations
 
@@ -98,7 +108,8 @@ def main(args: argparse.Namespace) -> Path:
     else:
         regen = mask_from_border(args.outpaint_border, grid)
     check_region(regen)
-    sampler = load_sampler(args, device)
+    # --step counts the steps over the regenerated tokens (checked by `edit`), not the whole grid.
+    sampler = load_sampler(argparse.Namespace(**{**vars(args), "steps": None}), device)
     if not 0 <= args.class_id < args.num_classes:
         raise ValueError(f"--class-id must lie in [0, {args.num_classes}), got {args.class_id}")
 

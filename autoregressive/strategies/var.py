@@ -15,6 +15,8 @@ the first to `cfg_scale` at the last. `cfg_scale` is the project's convention (1
 `cfg_scale = 1 + c`, so the published FID setting cfg=1.5 is `--cfg-scale 2.5`. Top-k / top-p as
 the shared logits processing (the official `top_p=0` "off" is `top_p=1` here); `more_smooth`
 replaces each scale's code embeddings by a Gumbel-softmax mixture (visualisation only).
+Zero-shot editing (`edit`, the paper's in/out-painting and class-conditional editing; no official
+code): the same loop with masked teacher forcing, the image's ids kept at every scale's known cells.
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ import torch.nn.functional as F
 
 from autoregressive.models.var import VAR, VAR_SIZES, build_var
 from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import (Generator, cfg_enabled, cfg_labels, check_cfg_scale,
-                                          top_k_top_p_filter)
+from autoregressive.sample.logits import Generator, cfg_enabled, cfg_labels, top_k_top_p_filter
 from autoregressive.strategies.base import Strategy, TrainingBatch
-from tokenizer.msvq import PATCH_NUMS, MultiScaleQuantizer, MultiScaleVQVAE, load_msvq, parse_patch_nums
+from dataset.codes import CodesError, code_dirs, read_meta
+from tokenizer.msvq import (PATCH_NUMS, MultiScaleQuantizer, MultiScaleVQVAE, load_msvq, msvq_identity,
+                            parse_patch_nums)
 from utils.checkpoint import CheckpointError, extract_weights, load_checkpoint, load_state_dict_strict
 
 #: official `--fp16` values -> the driver's `--mixed-precision`.
@@ -136,9 +139,8 @@ class VarStrategy(Strategy):
             self.depth = VAR_SIZES[gpt_model]
         else:  # another strategy's size name (the drivers' default): --depth decides, official default 16
             self.depth = args.depth if args.depth is not None else 16
-        self.patch_nums = self.resolve_patch_nums(args.pn, getattr(args, "image_size", None))
-        if getattr(args, "downsample_size", 16) != 16:
-            raise ValueError(f"VAR's VQVAE downsamples by 16, but --downsample-size is {args.downsample_size}")
+        downsample = getattr(args, "downsample_size", 16)
+        self.patch_nums = self.resolve_patch_nums(args.pn, getattr(args, "image_size", None), downsample)
         if getattr(args, "cfg_interval", -1) != -1:
             raise ValueError("--strategy var ramps the guidance over the scales; --cfg-interval must stay -1")
         self.shared_aln, self.attn_l2_norm = bool(args.saln), bool(args.anorm)
@@ -150,19 +152,43 @@ class VarStrategy(Strategy):
             raise ValueError(f"--vae-ckpt {args.vae_ckpt} and --vq-ckpt {args.vq_ckpt} name different tokenizers")
         if path:
             self.use_tokenizer(load_msvq(path, patch_nums=self.patch_nums))
+            if self.tokenizer.downsample != downsample:
+                raise ValueError(f"the VQVAE {path} downsamples by {self.tokenizer.downsample}, but "
+                                 f"--downsample-size is {downsample}")
+            self.check_codes_tokenizer(args, path)
+
+    def check_codes_tokenizer(self, args: argparse.Namespace, path: str) -> None:
+        """Training from extracted codes (`--code-path`): the codes must come from this VQVAE, since
+        its codebook and phi convs build the teacher-forcing input. Folders without our metadata
+        (official extraction layout) cannot be checked and pass."""
+        code_path = getattr(args, "code_path", None)
+        if not code_path or self.tokenizer is None:
+            return
+        codes_dir, _ = code_dirs(code_path, getattr(args, "dataset", "imagenet"), args.image_size)
+        meta = read_meta(codes_dir) if codes_dir.is_dir() else None
+        found = (meta or {}).get("tokenizer")
+        if not found:
+            return
+        ours = msvq_identity(self.tokenizer)
+        if found.get("weights_sha256") != ours["weights_sha256"] or found.get("config") != ours["config"]:
+            raise CodesError(f"the codes in {codes_dir} were made by another tokenizer ({found.get('source') or '?'}, "
+                             f"weights sha256 {str(found.get('weights_sha256'))[:12]}) than the VQVAE {path} "
+                             f"(weights sha256 {ours['weights_sha256'][:12]}): extract them with this VQVAE")
 
     @staticmethod
-    def resolve_patch_nums(pn: str | None, image_size: int | None) -> tuple[int, ...]:
-        """`--pn`, or the official list of `--image-size`; they must fit: image = 16 * pn[-1]."""
+    def resolve_patch_nums(pn: str | None, image_size: int | None, downsample: int = 16) -> tuple[int, ...]:
+        """`--pn`, or the official list of `--image-size`; they must fit: image = downsample * pn[-1]
+        (16 for the release; our MSVQ-debug tokenizer downsamples by 4)."""
         if pn is None:
             if image_size is None or str(image_size) not in PATCH_NUMS:
                 raise ValueError(f"no official patch_nums for --image-size {image_size}; pass --pn "
                                  f"(e.g. 1_2_3_4_6 for 96 px)")
             pn = str(image_size)
         nums = parse_patch_nums(pn)
-        if image_size is not None and image_size != 16 * nums[-1]:
+        if image_size is not None and image_size != downsample * nums[-1]:
             raise ValueError(f"--image-size {image_size} does not fit patch_nums {nums}: VAR's last scale is "
-                             f"the 16x-downsampled image, so the image size must be {16 * nums[-1]}")
+                             f"the {downsample}x-downsampled image, so the image size must be "
+                             f"{downsample * nums[-1]}")
         return nums
 
     @classmethod
@@ -191,7 +217,8 @@ class VarStrategy(Strategy):
     @classmethod
     def code_length(cls, args: argparse.Namespace) -> int:
         """L = sum pn^2: the concatenated per-scale ids of one image."""
-        return sum(p * p for p in cls.resolve_patch_nums(args.pn, args.image_size))
+        return sum(p * p for p in cls.resolve_patch_nums(args.pn, args.image_size,
+                                                          getattr(args, "downsample_size", 16)))
 
     def model_config(self, args: argparse.Namespace) -> dict[str, Any]:
         return dict(depth=self.depth, shared_aln=self.shared_aln, attn_l2_norm=self.attn_l2_norm,
@@ -404,16 +431,13 @@ class VarStrategy(Strategy):
             record_logits: if a list, receives per scale the (B, pn^2, V) guided logits.
             more_smooth: None = the `--more-smooth` flag.
         """
-        if model.training:
-            raise ValueError("generate needs the model in eval mode (call model.eval())")
-        check_cfg_scale(cfg_scale)
+        cfg = model.config
+        self.check_call(model, labels, cfg.num_classes, cfg_scale, temperature, require_generator=False)
         if cfg_interval != -1:
             raise ValueError("VAR ramps the guidance over the scales; cfg_interval must be -1")
         smooth = self.more_smooth if more_smooth is None else more_smooth
         if (temperature > 0 or smooth) and generator is None:
             raise ValueError("sampling needs an explicit generator (temperature 0 without more_smooth is greedy)")
-        cfg = model.config
-        self.check_labels(labels, cfg.num_classes)
         self.check_fits(model)
         pns, sn = cfg.patch_nums, len(cfg.patch_nums)
         if steps is not None and steps != sn:
@@ -470,6 +494,96 @@ class VarStrategy(Strategy):
             return -torch.empty_like(logits).exponential_(generator=generator).log()
         u = generator.uniform(tuple(logits.shape[1:]))  # (B, G, V) float64, one stream per image
         return -(-torch.log1p(-u)).log().to(logits.dtype)
+
+    # -- zero-shot editing ------------------------------------------------------------------------
+
+    @staticmethod
+    def known_per_scale(known_mask: torch.Tensor, patch_nums: tuple[int, ...]) -> torch.Tensor:
+        """The finest scale's known cells (pn_K^2,) or (pn_K, pn_K) -> known tokens of every scale,
+        concatenated (L,); a mask of L entries is taken as it is.
+
+        A token of a coarser scale is regenerated only when its whole cell (the area-pooled window of
+        the finest grid, as the quantiser downsamples) lies in the region to regenerate; a token that
+        touches the known region keeps the image's id. The residual quantisation spreads every
+        coarse token over the image (bicubic upsampling), so the known region stays as encoded only
+        if the coarse tokens it depends on are kept.
+        """
+        side, total = patch_nums[-1], sum(p * p for p in patch_nums)
+        if known_mask.dtype != torch.bool or known_mask.numel() not in (side * side, total):
+            raise ValueError(f"the known mask must be a boolean tensor of the finest scale's {side * side} cells "
+                             f"({side} x {side}) or of all {total} tokens of patch_nums {patch_nums}, got "
+                             f"{known_mask.dtype} of shape {tuple(known_mask.shape)}")
+        if known_mask.numel() == total:
+            return known_mask.reshape(total)
+        regen = (~known_mask).reshape(1, 1, side, side).float()
+        parts = [F.interpolate(regen, size=(pn, pn), mode="area").reshape(pn * pn) < 1 - 1e-6 for pn in patch_nums]
+        return torch.cat(parts)  # (L,) True = keep
+
+    @torch.no_grad()
+    def edit(self, model: VAR, labels: torch.Tensor, known_tokens: torch.Tensor, known_mask: torch.Tensor, *,
+             cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             steps: int | None = None, generator: Generator | None = None,
+             record_logits: list | None = None) -> torch.Tensor:
+        """Zero-shot in-painting, out-painting and class-conditional editing (VAR paper, sec. 5):
+        next-scale sampling with masked teacher forcing.
+
+        `known_tokens` (B, L) are the image's per-scale ids (`encode_to_indices`), `known_mask` the
+        known cells of the finest scale (see `known_per_scale`) or of all L tokens. At every scale the
+        known tokens are the image's and only the others are drawn (same CFG ramp, top-k / top-p
+        and generator streams as `generate`); the next scale's input is built from the merged map.
+        Returns the ids (B, L); known positions equal `known_tokens`. `steps` is None or the
+        number of scales; `more_smooth` does not apply (the ids are decoded as they are).
+        """
+        cfg = model.config
+        self.check_call(model, labels, cfg.num_classes, cfg_scale, temperature, generator, what="edit")
+        self.check_fits(model)
+        pns, sn, total = cfg.patch_nums, len(cfg.patch_nums), cfg.L
+        if steps is not None and steps != sn:
+            raise ValueError(f"VAR takes one step per scale: steps must be {sn} (patch_nums {pns}), got {steps}")
+        b = labels.shape[0]
+        if known_tokens.shape != (b, total):
+            raise ValueError(f"known_tokens must be (B, L) = ({b}, {total}) per-scale ids, got {tuple(known_tokens.shape)}")
+        device = model.head.weight.device
+        quant = self._quantizer(device)
+        self.tokenizer.split_ids(known_tokens)  # refuses ids outside the vocabulary
+        keep = self.known_per_scale(known_mask, pns).to(device)  # (L,)
+        if bool(keep.all()):
+            raise ValueError("the mask leaves nothing to generate: every token is known")
+        ids = known_tokens.to(device).clone()  # (B, L): the image's ids, the drawn ones written in
+        labels = labels.to(device)
+        guided = cfg_enabled(cfg_scale)
+        reps = 2 if guided else 1
+        cond_labels = cfg_labels(labels, cfg.num_classes, cfg_scale)
+        cache = model.new_cache(cond_labels.shape[0])
+        f_hat = torch.zeros(b, cfg.Cvae, pns[-1], pns[-1], device=device)
+        scale_of = [si for si, (be, en) in enumerate(model.begin_ends) if not bool(keep[be:en].all())]
+        order = (~keep).nonzero().squeeze(1)  # (N_u,) scale after scale
+        sizes = [int((~keep[be:en]).sum()) for be, en in (model.begin_ends[si] for si in scale_of)]
+        next_scale = [0]  # the first scale not yet run through the model
+
+        def step(g: int, prev_tokens, prev_pos, next_pos) -> torch.Tensor:
+            nonlocal f_hat
+            if g > 0:
+                ids[:, prev_pos] = prev_tokens[:b]
+            logits = None
+            for si in range(next_scale[0], scale_of[g] + 1):  # fully known scales run as context
+                x = None
+                if si > 0:
+                    be, en = model.begin_ends[si - 1]
+                    f_hat, nxt = quant.next_autoregressive_input(si - 1, f_hat, quant.lookup(ids[:, be:en], pns[si - 1]))
+                    x = nxt.flatten(2).transpose(1, 2).repeat(reps, 1, 1)  # (B', pn_si^2, Cvae)
+                logits = model.decode_step(si, cond_labels, x, cache)  # (B', pn_si^2, V)
+            next_scale[0] = scale_of[g] + 1
+            return logits[:, next_pos - model.begin_ends[scale_of[g]][0]]  # (B', G_g, V)
+
+        def scale_at(g: int, pos, idx) -> float | None:
+            return None if scale_of[g] == 0 else 1 + (cfg_scale - 1) * scale_of[g] / (sn - 1)
+
+        drawn = decode_in_groups(step, order, sizes, b, cfg_scale=cfg_scale,
+                                 cfg_scale_at=scale_at if guided else None, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, generator=generator, record_logits=record_logits,
+                                 num_tokens=total)
+        return torch.where(keep, known_tokens.to(device), drawn)
 
 
 __all__ = ["VarStrategy", "draw_labels", "lr_wd_factors"]

@@ -10,6 +10,11 @@ Several (torchrun; what scripts/autoregressive/extract_codes_c2i.sh runs), ten-c
 The embedded demo set (no --data-path):
     python autoregressive/train/extract_codes_c2i.py --dataset digits --image-size 32 --vq-model VQ-debug \
         --codebook-size 512 --vq-ckpt results/vq-debug.pt --code-path codes/digits_flip --device cpu
+VAR's multi-scale VQVAE (`--vq-model MSVQ-16` for vae_ch160v4096z32.pth, or MSVQ-debug): the codes are
+the per-scale ids concatenated, (1, num_aug, sum pn^2); patch_nums come from our checkpoint, else
+from --v-patch-nums or the official list of --image-size:
+    python autoregressive/train/extract_codes_c2i.py --vq-model MSVQ-16 --vq-ckpt pretrained_models/vae_ch160v4096z32.pth \
+        --data-path imagenet/train --code-path codes/imagenet_var --image-size 256
 
 Writes, as the official `extract_codes_c2i.py` does (`specs/llamagen.md` section 4),
 `<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and `<dataset><S>_labels/<k>.npy`
@@ -45,8 +50,9 @@ from dataset.codes import MANIFEST_FILE, META_FILE, META_FORMAT, code_dirs, npy_
 from dataset.image_folder import DatasetError, collate_skip_corrupt, write_class_index
 from dataset.transforms import center_crop_tensor, ten_crop_tensor, with_flip
 from tokenizer.loading import load_vq, tokenizer_identity
+from tokenizer.msvq import MSVQ_models, USAGE_BUFFER, MultiScaleVQVAE, load_msvq, msvq_identity, parse_patch_nums
 from tokenizer.vq_model import VQ_models, VQModel
-from utils.checkpoint import CheckpointError, save_json, save_npy
+from utils.checkpoint import CheckpointError, load_checkpoint, save_json, save_npy
 from utils.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
 
@@ -86,9 +92,34 @@ def encode_image(vq: VQModel, views: torch.Tensor, ten_crop: bool, flip: bool = 
     return idx.reshape(1, x_all.shape[0], -1).to("cpu", torch.int64).numpy()
 
 
-def load_tokenizer(args: argparse.Namespace, device: torch.device) -> tuple[VQModel, dict]:
+def load_multiscale_tokenizer(args: argparse.Namespace, device: torch.device) -> tuple[MultiScaleVQVAE, dict]:
+    """VAR's multi-scale VQVAE (`--vq-model MSVQ-*`) and its identity. Our checkpoints record their
+    configuration (--codebook-size / --codebook-embed-dim are not read); the official flat file takes
+    --v-patch-nums, else the official list of --image-size. Refuses an image size it does not encode."""
+    pn = parse_patch_nums(args.v_patch_nums) if args.v_patch_nums else None
+    vq = load_msvq(args.vq_ckpt, patch_nums=pn, image_size=args.image_size)
+    return vq.to(device).eval(), msvq_identity(vq, os.path.basename(args.vq_ckpt))
+
+
+def is_multiscale_checkpoint(path: str) -> bool:
+    """Whether a checkpoint holds VAR's multi-scale VQVAE (ours record `msvq_config`; the official
+    file has the quantiser's usage buffer)."""
+    ckpt = load_checkpoint(path)
+    return isinstance(ckpt, dict) and ("msvq_config" in ckpt or USAGE_BUFFER in ckpt
+                                       or USAGE_BUFFER in (ckpt.get("model") or {}))
+
+
+def load_tokenizer(args: argparse.Namespace, device: torch.device) -> tuple[VQModel | MultiScaleVQVAE, dict]:
     """The tokenizer and its identity; refuses a checkpoint or image size that does not fit."""
-    vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
+    if args.vq_model in MSVQ_models:
+        return load_multiscale_tokenizer(args, device)
+    try:
+        vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
+    except CheckpointError as e:
+        if is_multiscale_checkpoint(args.vq_ckpt):
+            raise CheckpointError(f"{args.vq_ckpt} is VAR's multi-scale VQVAE, not a {args.vq_model}: pass "
+                                  f"--vq-model {' or '.join(MSVQ_models)}") from e
+        raise
     cfg = vq.config
     if (cfg.codebook_size, cfg.codebook_embed_dim) != (args.codebook_size, args.codebook_embed_dim):
         raise CheckpointError(
@@ -184,7 +215,10 @@ def main(args: argparse.Namespace) -> dict:
         raise ExtractError(f"--crop-range {args.crop_range} must be >= 1 (ten crops of size --image-size "
                            f"are cut from an int(image_size * crop_range) centre crop)")
     vq, identity = load_tokenizer(args, device)
-    num_tokens = (args.image_size // vq.downsample) ** 2
+    if isinstance(vq, MultiScaleVQVAE):
+        num_tokens = vq.config.num_tokens  # sum pn^2: every scale's ids, concatenated
+    else:
+        num_tokens = (args.image_size // vq.downsample) ** 2
     num_aug = num_views(args.ten_crop, not args.no_flip)
     logger.info(f"{args.vq_model} from {args.vq_ckpt}: {num_aug} views x {num_tokens} codes per image, "
                 f"weights sha256 {identity['weights_sha256'][:12]}")
@@ -287,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no mirrored views (for data where a mirror changes the class, e.g. digits)")
     p.add_argument("--crop-range", type=float, default=1.1, help="crop scale for --ten-crop (official 1.1 / 1.05)")
     # Tokenizer
-    p.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models), help="tokenizer size")
+    p.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models) + list(MSVQ_models),
+                   help="tokenizer size: LlamaGen's VQ-*, or VAR's multi-scale VQVAE MSVQ-*")
+    p.add_argument("--v-patch-nums", type=str, default=None,
+                   help="MSVQ-* with the official flat file: the scales, e.g. 256 / 512 / 1_2_3_4_6 "
+                        "(default: the official list of --image-size; our checkpoints record theirs)")
     p.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint (official or ours)")
     p.add_argument("--codebook-size", type=int, default=16384, help="codebook entries of the tokenizer")
     p.add_argument("--codebook-embed-dim", type=int, default=8, help="codebook vector size of the tokenizer")
