@@ -87,3 +87,16 @@ def assert_official_keys_exact(model: torch.nn.Module, spec: dict, drop: str, ex
         check_state_dict(bad, ours, "official")
     msg = str(e.value)
     assert drop in msg and extra in msg and reshape in msg
+
+
+def kv_cached_logits(model, inp: dict):
+    """A fixture's `kv_cache` case through `prefill` + one `decode_step` per token -> (B, 1 + T, V)."""
+    import torch
+
+    cache = model.new_cache(inp["max_batch_size"], max_len=inp["max_seq_length"])
+    assert int(inp["prefill_input_pos"][0]) == 0
+    steps = [model.prefill(inp["cond_idx"], cache)]
+    for t in range(inp["idx"].shape[1]):
+        pos = inp["decode_input_pos"][t:t + 1].long()
+        steps.append(model.decode_step(inp["idx"][:, t:t + 1], cache, pos))
+    return torch.cat(steps, dim=1)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from autoregressive.models.npp import patchify_embeddings, patchify_targets
 from autoregressive.strategies import get_strategy
 from autoregressive.train.npp_schedule import lr_multiplier, patch_schedule, training_flops_fraction
-from tests.test_train_c2i import ROOT, losses, run, train_cmd, write_codes
+from tests.test_train_c2i import ROOT, kill_after_checkpoint, losses, run, train_cmd, write_codes
 from utils.checkpoint import load_checkpoint
 
 NPP = get_strategy("npp")
@@ -78,15 +76,7 @@ def test_killed_inside_a_stage_resumes_to_identical_weights(tmp_path):
               "--ckpt-every", "9", "--dropout-p", "0.1")
     ref = run(npp_cmd(codes, tmp_path / "ref", *common))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(npp_cmd(codes, tmp_path / "killed", *common), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "killed").glob("*/checkpoints/0000009.pt")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = next((tmp_path / "killed").iterdir())
+    run_dir = kill_after_checkpoint(npp_cmd(codes, tmp_path / "killed", *common), tmp_path / "killed", 9)
     done = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert done and "0000024.pt" not in done, done  # it really stopped midway
     # A schedule flag contradicting the checkpoint is refused (the stages would move).

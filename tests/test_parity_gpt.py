@@ -8,7 +8,7 @@ import torch
 from autoregressive.models.gpt import GPTConfig, Transformer, build_gpt
 from autoregressive.sample.logits import sample_from_logits
 from autoregressive.strategies import get_strategy
-from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case,
+from tests.golden import (kv_cached_logits, assert_close, assert_official_keys_exact, fixture_cases, get_case,
                           official_key_files, official_keys)
 
 RASTER = get_strategy("raster")
@@ -36,13 +36,7 @@ def check_train_forward(fx, inp, out, tol):
 
 def check_kv_cache(fx, inp, out, tol):
     model = build_fixture_model(fx)
-    cache = model.new_cache(inp["max_batch_size"], max_len=inp["max_seq_length"])
-    assert int(inp["prefill_input_pos"][0]) == 0
-    steps = [model.prefill(inp["cond_idx"], cache)]
-    for t in range(inp["idx"].shape[1]):
-        pos = inp["decode_input_pos"][t:t + 1].long()
-        steps.append(model.decode_step(inp["idx"][:, t:t + 1], cache, pos))
-    assert_close(torch.cat(steps, dim=1), out["logits"], tol, "kv-cached logits")
+    assert_close(kv_cached_logits(model, inp), out["logits"], tol, "kv-cached logits")
 
 
 def check_generate(fx, inp, out, tol):

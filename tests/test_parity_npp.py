@@ -14,7 +14,7 @@ from autoregressive.models.npp import (NppTransformer, coarse_rope_rows, patchif
                                        patchify_targets)
 from autoregressive.strategies import get_strategy
 from autoregressive.train.npp_schedule import lr_multiplier, patch_schedule
-from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case,
+from tests.golden import (kv_cached_logits, assert_close, assert_official_keys_exact, fixture_cases, get_case,
                           official_key_files, official_keys)
 
 
@@ -57,13 +57,7 @@ def check_kv_cache(fx, inp, out, tol):
     p = inp["preceded_by_training_forward_patch_size"]
     model(torch.zeros(inp["idx"].shape[0], model.config.block_size, dtype=torch.long), inp["cond_idx"], p)
     model.eval()
-    cache = model.new_cache(inp["max_batch_size"], max_len=inp["max_seq_length"])
-    assert int(inp["prefill_input_pos"][0]) == 0
-    steps = [model.prefill(inp["cond_idx"], cache)]
-    for t in range(inp["idx"].shape[1]):
-        pos = inp["decode_input_pos"][t:t + 1].long()
-        steps.append(model.decode_step(inp["idx"][:, t:t + 1], cache, pos))
-    assert_close(torch.cat(steps, dim=1), out["logits"], tol, "kv-cached logits")
+    assert_close(kv_cached_logits(model, inp), out["logits"], tol, "kv-cached logits")
 
 
 def check_generate(fx, inp, out, tol):

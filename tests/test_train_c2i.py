@@ -46,6 +46,18 @@ def run(cmd, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def kill_after_checkpoint(cmd: list[str], results: Path, step: int, timeout: float = 120) -> Path:
+    """Start a training run, SIGKILL it as soon as its checkpoint of `step` exists; its run folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(results.glob(f"*/checkpoints/{step:07d}.pt")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return next(results.iterdir())
+
+
 def losses(log: str) -> list[float]:
     return [float(line.split("train/loss ")[1].split(",")[0]) for line in log.splitlines() if "train/loss " in line]
 
@@ -69,15 +81,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     ref = run(train_cmd(codes, tmp_path / "ref", *common))
     assert ref.returncode == 0, ref.stderr[-3000:]
     # Kill a second run with SIGKILL once its first checkpoint exists, then resume it.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_cmd(codes, tmp_path / "killed", *common), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "killed").glob("*/checkpoints/0000006.pt")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = next((tmp_path / "killed").iterdir())
+    run_dir = kill_after_checkpoint(train_cmd(codes, tmp_path / "killed", *common), tmp_path / "killed", 6)
     done = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert done and "0000030.pt" not in done, done  # it really stopped midway
     res = run(train_cmd(codes, tmp_path / "killed", *common, "--resume", str(run_dir)))
