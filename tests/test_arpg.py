@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoregressive.models.arpg import ARPG, build_arpg
+from autoregressive.models.arpg import ARPG, ARPG_SIZES, ARPGConfig, build_arpg
 from autoregressive.sample.logits import cfg_labels, sample_from_logits
 from autoregressive.sample.lpd_order import generate_orders
 from autoregressive.sample.orders import random_order, save_orders
@@ -183,6 +183,24 @@ def write_randar_codes(root: Path, n: int = 96, num_tokens: int = 16, vocab: int
         (root / str(y)).mkdir(parents=True, exist_ok=True)
         np.save(root / str(y) / f"img{k:04d}.npy", views.astype(np.int64))
     return root
+
+
+def test_absolute_positions_only_in_the_debug_size():
+    """Officially positions are relative only (zero class RoPE row): the first query, which sees
+    just the class, predicts the same logits for every target cell. With `abs_pos_embed` (ours,
+    ARPG-debug) they depend on the cell; the official sizes keep the official keys."""
+    cfg = dict(dim=64, n_layer=2, n_head=4, multiple_of=64, **TINY)
+    ids, rows, targets = torch.tensor([[TINY["vocab_size"] + 2]]), torch.zeros(1, dtype=torch.long), torch.arange(1, 17)
+    for abs_pos, varies in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        model = ARPG(ARPGConfig(**cfg, abs_pos_embed=abs_pos)).eval()
+        with torch.no_grad():
+            model.head.weight.normal_(0.0, 0.3)
+            logits = model.forward_shared(ids, rows, targets)  # (1, 16, V): one row per target cell
+        assert ("pos_embed" in model.state_dict()) == abs_pos
+        assert torch.allclose(logits, logits[:, :1].expand_as(logits), atol=1e-5) != varies
+    assert all(not ARPG_SIZES[name].get("abs_pos_embed") for name in ("ARPG-L", "ARPG-XL", "ARPG-XXL"))
+    assert ARPG_SIZES["ARPG-debug"]["abs_pos_embed"]
 
 
 def test_two_ranks_learn_from_randar_codes(tmp_path):

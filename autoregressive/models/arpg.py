@@ -59,6 +59,10 @@ class ARPGConfig:
     vocab_size: int = 16384
     cls_token_num: int = 1
     block_size: int = 256  # image tokens N = grid^2
+    # Ours, off in every official size: a learned absolute position embedding (`pos_embed`, 1 + N
+    # rows: class slot, grid cells) added to each input token (its own cell) and each query (its
+    # target cell). See `ARPG` for why tiny models need it.
+    abs_pos_embed: bool = False
 
     @classmethod
     def from_official(cls, config: dict) -> "ARPGConfig":
@@ -214,7 +218,15 @@ class DecoderDecoder(nn.Module):
 
 
 class ARPG(Float32RopeBuffer):
-    """ARPG c2i model (official class `Transformer`); see the module docstring."""
+    """ARPG c2i model (official class `Transformer`); see the module docstring.
+
+    Positions, officially, are only relative: 2-D RoPE on q and k, and the class token's RoPE row
+    is zero, so no key is anchored at a known cell. A query therefore cannot tell its absolute
+    target cell (the first query's output does not depend on it at all); a large model can infer
+    it from the spread of the visible cells, a tiny one cannot, and without "where" it also
+    ignores the class. `abs_pos_embed` (ours, used by `ARPG-debug` only) adds a learned absolute
+    embedding to tokens and queries; the official sizes keep the official computation and keys.
+    """
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
@@ -237,6 +249,8 @@ class ARPG(Float32RopeBuffer):
         # Non-persistent (absent from the state_dict, as the official plain attribute); kept float32.
         self.register_buffer("freqs_cis", precompute_freqs_cis_2d(
             c.grid_size, c.dim // c.n_head, c.rope_base, c.cls_token_num), persistent=False)
+        # (1 + N, D), indexed by RoPE row; only with `abs_pos_embed` (absent from official checkpoints).
+        self.pos_embed = nn.Parameter(torch.zeros(1 + c.block_size, c.dim)) if c.abs_pos_embed else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -245,6 +259,8 @@ class ARPG(Float32RopeBuffer):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
         nn.init.zeros_(self.head.weight)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=self.config.initializer_range)
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -281,6 +297,9 @@ class ARPG(Float32RopeBuffer):
         x = self.embed_drop(self.embeddings(input_ids))  # (B, L, D)
         g = query_rows.shape[-1]
         queries = self.embeddings.weight[self.mask_token_id].expand(b, g, -1)  # (B, G, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[input_rows]  # (B, L, D)
+            queries = queries + self.pos_embed[query_rows]  # (B, G, D)
         q = self.layers(x, queries, self.rope(input_rows), self.rope(query_rows), self_mask, cross_mask,
                         is_causal, cache, cache_pos)  # (B, G, D)
         return self.head(self.norm(q)).float()  # (B, G, V)
@@ -343,7 +362,9 @@ ARPG_SIZES: dict[str, dict] = {
     "ARPG-L": dict(dim=1024, n_layer=24, n_head=16),  # 319,845,376 params (arpg_300m.pt)
     "ARPG-XL": dict(dim=1280, n_layer=36, n_head=20),  # 718,997,760 (arpg_700m.pt)
     "ARPG-XXL": dict(dim=1536, n_layer=48, n_head=24),  # 1,302,449,664 (arpg_1b.pt)
-    "ARPG-debug": dict(dim=128, n_layer=4, n_head=4, multiple_of=64),
+    # Tiny: with the official relative-only positions it learns neither where a target is nor,
+    # hence, the class (chance-level digits in the demo); the absolute embedding fixes that.
+    "ARPG-debug": dict(dim=128, n_layer=4, n_head=4, multiple_of=64, abs_pos_embed=True),
 }
 
 
