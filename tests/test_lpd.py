@@ -117,6 +117,19 @@ def test_generated_orders_are_reproducible_whatever_the_batching(tmp_path):
     assert np.array_equal(back, a) and back_sizes == sizes
 
 
+@pytest.mark.parametrize("rows,cells", [(1, 1), (3, 256), (1025, 64), (2, 1024)])
+def test_order_files_are_exactly_compact_json(tmp_path, rows, cells):
+    # save_orders formats the rows itself (in blocks of 1024 rows): the bytes must be json.dumps's.
+    rng = np.random.default_rng(rows)
+    orders = np.stack([rng.permutation(cells) for _ in range(rows)]).astype(np.int16)
+    settings = dict(proximity_threshold=1.0, repulsion_threshold=4.0, seed=3)
+    save_orders(tmp_path / "o.json", orders, 16, [cells], **settings)
+    doc = {"grid_size": 16, "group_sizes": [cells], **settings, "orders": orders.tolist()}
+    assert (tmp_path / "o.json").read_text() == json.dumps(doc, separators=(",", ":"))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        save_orders(tmp_path / "bad.json", -orders - 1, 16, [cells])
+
+
 def test_editing_orders_grow_from_the_known_cells():
     known = np.zeros(64, dtype=bool)
     known[:24] = True  # the top three rows are given

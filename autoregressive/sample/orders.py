@@ -115,14 +115,49 @@ def resolve_group_sizes(num_tokens: int, steps: int, schedule: str, *, grid_toke
 def save_orders(path: str | os.PathLike, orders: np.ndarray, grid_size: int, group_sizes: Sequence[int],
                 **settings: float | int) -> None:
     """Write orders as JSON: `{grid_size, group_sizes, <settings>, orders}`, the official bare list
-    of lists under `orders` (official files are only that list; `load_orders` reads both)."""
+    of lists under `orders` (official files are only that list; `load_orders` reads both).
+
+    The bytes are exactly `json.dumps(doc, separators=(",", ":"))`, but the rows of `orders`
+    (R, N) non-negative integers are formatted by table lookup in blocks (`_order_rows_json`):
+    50k orders of 1024 cells take about a second instead of ten.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"grid_size": grid_size, "group_sizes": [int(g) for g in group_sizes], **settings,
-           "orders": orders.tolist()}
+    orders = np.asarray(orders)
+    if orders.ndim != 2 or orders.shape[1] == 0 or orders.dtype.kind not in "iu" or (orders.size and orders.min() < 0):
+        raise ValueError(f"orders must be a (R, N >= 1) array of non-negative integers, got {orders.dtype} {orders.shape}")
+    head = json.dumps({"grid_size": grid_size, "group_sizes": [int(g) for g in group_sizes], **settings},
+                      separators=(",", ":"))
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
+    with open(tmp, "wb") as f:
+        f.write(head[:-1].encode() + b',"orders":[')  # "orders" is the last key, as in the dict above
+        for start in range(0, len(orders), 1024):
+            rows = _order_rows_json(orders[start:start + 1024])
+            f.write(rows if start + 1024 < len(orders) else rows[:-1])  # no comma after the last row
+        f.write(b"]}")
     os.replace(tmp, path)
+
+
+def _order_rows_json(block: np.ndarray) -> bytes:
+    """`[v,v,...,v],` per row of `block` (B, N) non-negative ints, as JSON writes them.
+
+    Each value becomes the bytes `str(v) + ","` right-aligned in a fixed-width row of a lookup
+    table, padded with zero bytes in front; gathering the table rows gives every order row at
+    a fixed width, and dropping the zero bytes leaves the text.
+    """
+    b, n = block.shape
+    top = int(block.max(initial=0)) + 1
+    width = len(str(top - 1)) + 1
+    table = np.zeros((top, width), dtype=np.uint8)
+    for v in range(top):
+        text = f"{v},".encode()
+        table[v, width - len(text):] = np.frombuffer(text, dtype=np.uint8)
+    out = np.empty((b, n * width + 2), dtype=np.uint8)  # "[" + the values + "],"
+    out[:, 0] = ord("[")
+    out[:, 1:-1] = table[block].reshape(b, n * width)
+    out[:, -2] = ord("]")  # replaces the comma after the row's last value
+    out[:, -1] = ord(",")
+    return out[out != 0].tobytes()
 
 
 def load_orders(path: str | os.PathLike, grid_size: int) -> tuple[np.ndarray, list[int] | None]:
