@@ -104,3 +104,16 @@ def test_single_image_sampler_writes_a_grid(ckpts, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     from PIL import Image
     assert Image.open(out).size == (2 * 18 + 2, 3 * 18 + 2)
+
+
+def test_save_png_writes_the_official_png_folder(ckpts, tmp_path):
+    """--save-png also writes every image as <name>_png/<index>.png (LPD's torch-fidelity layout)."""
+    from PIL import Image
+
+    res = run_sampler(ckpts, tmp_path, extra=("--save-png",))
+    assert res.returncode == 0, res.stderr[-3000:]
+    npz = npz_of(tmp_path)
+    pngs = sorted((tmp_path / f"{npz.stem}_png").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(30)]
+    with np.load(npz) as f:
+        assert np.array_equal(np.asarray(Image.open(pngs[7])), f["arr_0"][7])

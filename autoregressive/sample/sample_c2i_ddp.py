@@ -29,7 +29,7 @@ import torch
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
 from autoregressive.sample.shards import (claim_shard_folder, finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
-                                          write_shard)
+                                          write_pngs, write_shard)
 from utils.checkpoint import file_sha256, save_json
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
@@ -92,7 +92,10 @@ def main(args: argparse.Namespace) -> Path:
     for b in progress(mine, enabled=rank == 0, desc="sample", unit="batch"):
         lo, hi = b * bs, min((b + 1) * bs, total)
         images = sampler.images(labels[lo:hi], seeds[lo:hi])
-        write_shard(folder, lo, to_uint8(images, args.image_size_eval), labels[lo:hi].numpy())
+        images = to_uint8(images, args.image_size_eval)
+        if args.save_png:  # before the shard: a finished shard always has its PNGs
+            write_pngs(Path(args.sample_dir) / f"{name}_png", lo, images)
+        write_shard(folder, lo, images, labels[lo:hi].numpy())
         made += hi - lo
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sample-dir", type=str, default="samples", help="shards and the .npz go here")
     o.add_argument("--per-proc-batch-size", type=int, default=32, help="images per batch per rank")
     o.add_argument("--num-fid-samples", type=int, default=50000, help="number of images")
+    o.add_argument("--save-png", action="store_true",
+                   help="also write every image as <sample-dir>/<name>_png/<index>.png (the official LPD "
+                        "layout, for torch-fidelity); the .npz is written either way")
     o.add_argument("--labels", type=str, default="balanced", choices=["balanced", "random"],
                    help="balanced: image i has class i %% num_classes (50 per class); random: drawn from "
                         "the seed like the official driver (uniform, not balanced)")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,19 @@ def finished_shards(folder: Path) -> dict[int, Path]:
 
 def write_shard(folder: Path, start: int, images: np.ndarray, labels: np.ndarray) -> Path:
     return save_npz(shard_path(folder, start), images=images, labels=labels)
+
+
+def write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
+    """Images (B, H, W, 3) uint8 as `<folder>/<index:06d>.png`, each written atomically: the PNG
+    folder the official LPD sampler writes for torch-fidelity (`fidelity --input1 <folder>`)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        path = folder / f"{start + i:06d}.png"
+        tmp = path.with_suffix(".png.tmp")
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
 
 
 def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
