@@ -3,6 +3,7 @@ bad input is refused clearly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,3 +139,23 @@ def test_fsdp_two_ranks_learn_and_resume_to_the_same_weights(tmp_path):
     # An FSDP optimizer state does not resume under DDP: a clear refusal.
     ddp = run(train_cmd(codes, tmp_path / "part", "--epochs", "3", "--resume", str(run_dir), "--mixed-precision", "none"))
     assert ddp.returncode != 0 and "--data-parallel fsdp" in ddp.stderr
+
+
+def test_lr_schedule_is_followed_and_refused_where_the_strategy_owns_it(tmp_path):
+    """--lr-schedule cosine --warmup-epochs 1: the logged lr is the scheduled one at every log step;
+    NPP with --scheduler sets its own schedule, so a driver schedule beside it is refused."""
+    from utils.training import scheduled_lr
+
+    codes = write_codes(tmp_path / "codes")
+    res = run(train_cmd(codes, tmp_path / "r", "--epochs", "3", "--log-every", "4", "--ckpt-every", "100",
+                        "--lr-schedule", "cosine", "--warmup-epochs", "1", "--min-lr", "1e-5"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = {int(m.group(1)): float(m.group(2)) for m in
+              re.finditer(r"\(step=(\d+)\).*?train/lr ([0-9.e-]+),", res.stderr)}
+    assert sorted(logged) == [4, 8, 12, 16, 18], logged  # 6 steps per epoch, 18 in all: every 4 and the last
+    for step, lr in logged.items():  # the lr used by step `step` (data position step - 1)
+        expected = scheduled_lr(step - 1, 6, 1e-3, "cosine", 1, 1e-5, 3)
+        assert abs(lr - expected) <= 1e-3 * expected, (step, lr, expected)  # logged to 4 digits
+    bad = run(train_cmd(codes, tmp_path / "b", "--strategy", "npp", "--patch-level", "2", "--scheduler",
+                        "--epochs", "2", "--lr-schedule", "cosine"))
+    assert bad.returncode != 0 and "sets its own learning-rate schedule" in bad.stderr

@@ -59,3 +59,26 @@ def test_run_dirs_and_last_checkpoint(tmp_path):
         (a / "checkpoints" / f"{s:07d}.pt").write_bytes(b"x")
     (a / "checkpoints" / ".0000015.pt.abc.tmp").write_bytes(b"half")
     assert last_checkpoint(a).name == "0000010.pt"
+
+
+def test_scheduled_lr_follows_the_official_recipes():
+    import math
+
+    from utils.training import scheduled_lr
+
+    # ARPG: warm-up over 100 epochs, then half-cosine from lr to min_lr at `epochs` (spec 4.3).
+    arpg = dict(base_lr=4e-4, schedule="cosine", warmup_epochs=100, min_lr=1e-5, epochs=400)
+    assert scheduled_lr(0, 10, **arpg) == 0.0
+    assert math.isclose(scheduled_lr(500, 10, **arpg), 2e-4)  # epoch 50
+    assert math.isclose(scheduled_lr(1000, 10, **arpg), 4e-4)  # end of the warm-up
+    assert math.isclose(scheduled_lr(2500, 10, **arpg), 1e-5 + (4e-4 - 1e-5) * 0.5)  # half-way down
+    assert math.isclose(scheduled_lr(4000, 10, **arpg), 1e-5)
+    # LPD: warm-up 50, constant until epoch 400, cosine to min_lr at 450.
+    lpd = dict(base_lr=1e-4, schedule="constant+cosine", warmup_epochs=50, min_lr=1e-5, epochs=450,
+               decay_start_epoch=400)
+    assert math.isclose(scheduled_lr(3000, 10, **lpd), 1e-4)
+    assert math.isclose(scheduled_lr(4250, 10, **lpd), 1e-5 + 9e-5 * 0.5)
+    # LlamaGen: constant.
+    assert scheduled_lr(123, 10, 1e-4) == 1e-4
+    with pytest.raises(ValueError, match="unknown --lr-schedule"):
+        scheduled_lr(0, 10, 1e-4, "linear")

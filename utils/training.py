@@ -225,3 +225,31 @@ def gather_rng_states() -> list[dict]:
     from utils.distributed import all_gather_object
 
     return all_gather_object(rng_state())
+
+
+LR_SCHEDULES = ("constant", "cosine", "constant+cosine")
+
+
+def scheduled_lr(step: int, steps_per_epoch: int, base_lr: float, schedule: str = "constant",
+                 warmup_epochs: float = 0.0, min_lr: float = 0.0, epochs: float = 1.0,
+                 decay_start_epoch: float | None = None) -> float:
+    """Learning rate of optimizer step `step` at the fractional epoch e = step / steps_per_epoch.
+
+    Linear warm-up `base_lr * e / warmup_epochs` while e < warmup_epochs, then `constant`: base_lr;
+    `cosine` (ARPG): half-cosine from base_lr to min_lr between the end of the warm-up and
+    `epochs`; `constant+cosine` (LPD): base_lr until `decay_start_epoch`, then the half-cosine.
+    A pure function of the step, so a resumed run continues the schedule exactly.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown --lr-schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    e = step / steps_per_epoch
+    if e < warmup_epochs:
+        return base_lr * e / warmup_epochs
+    if schedule == "constant":
+        return base_lr
+    start = warmup_epochs if schedule == "cosine" or decay_start_epoch is None else max(decay_start_epoch,
+                                                                                         warmup_epochs)
+    if e < start:
+        return base_lr
+    progress = min((e - start) / max(epochs - start, 1e-12), 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

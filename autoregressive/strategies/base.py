@@ -102,6 +102,11 @@ class Strategy(ABC):
                        generator: torch.Generator | None = None) -> TrainingBatch:
         """codes (B, N) raster-order token ids, labels (B,) -> the step's inputs and targets."""
 
+    def owns_lr(self) -> bool:
+        """Whether `on_step` sets the learning rate itself (NPP --scheduler, VAR --wpe); the driver's
+        --lr-schedule then stays constant."""
+        return False
+
     def on_step(self, step: int, steps_per_epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Called by the training driver before every optimizer step; returns scalars to log.
 

@@ -50,8 +50,6 @@ class NppStrategy(RasterStrategy):
         group.add_argument("--scheduler", action="store_true",
                            help="npp: per-stage warmup / constant / linear-decay learning rate "
                                 "(default: constant --lr)")
-        group.add_argument("--warmup-epochs", type=int, default=1,
-                           help="npp --scheduler: linear warmup from 0 at the start of every stage")
         group.add_argument("--decay-ratio", type=float, default=0.2,
                            help="npp --scheduler: fraction of each stage decaying linearly to --end-lr")
         group.add_argument("--end-lr", type=float, default=1e-5,
@@ -76,9 +74,9 @@ class NppStrategy(RasterStrategy):
         self.schedule = schedule
         self.patch_size = schedule.patch_sizes[0]
         if args.scheduler:
-            if args.decay_ratio < 0 or args.warmup_epochs < 0 or args.decay_ratio > 1:
+            if args.decay_ratio < 0 or self.warmup_epochs(args) < 0 or args.decay_ratio > 1:
                 raise ValueError("--warmup-epochs must be >= 0 and --decay-ratio in [0, 1]")
-            self.lr_args = dict(warmup_epochs=args.warmup_epochs, decay_ratio=args.decay_ratio,
+            self.lr_args = dict(warmup_epochs=self.warmup_epochs(args), decay_ratio=args.decay_ratio,
                                 base_lr=args.lr, end_lr=args.end_lr)
 
     # -- model ------------------------------------------------------------------------------------
@@ -87,6 +85,15 @@ class NppStrategy(RasterStrategy):
         return build_npp_gpt(gpt_model, **config)
 
     # -- training ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def warmup_epochs(args: argparse.Namespace) -> int:
+        """The driver's --warmup-epochs; NPP's official default (1) when it is not given."""
+        w = getattr(args, "warmup_epochs", None)
+        return 1 if w is None else int(w)
+
+    def owns_lr(self) -> bool:
+        return self.lr_args is not None
 
     def on_step(self, step: int, steps_per_epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Set the patch size of the epoch `step // steps_per_epoch` and, with --scheduler, the

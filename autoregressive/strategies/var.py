@@ -224,6 +224,9 @@ class VarStrategy(Strategy):
         return dict(depth=self.depth, shared_aln=self.shared_aln, attn_l2_norm=self.attn_l2_norm,
                     patch_nums=self.patch_nums, init=self.init)
 
+    def owns_lr(self) -> bool:
+        return self.schedule is not None
+
     def on_step(self, step: int, steps_per_epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """The official lr warm-up / lin0 decay and weight-decay cosine, when `--wpe` is given."""
         if self.schedule is None:

@@ -33,9 +33,9 @@ from utils.ema import make_ema, update_ema
 from utils.logger import create_logger, progress
 from utils.parallel import (PARALLEL_MODES, clip_grad_norm, gradient_sync, is_sharded, load_optimizer_state,
                             model_state_dict, optimizer_state_dict, wrap_model)
-from utils.training import (MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
+from utils.training import (LR_SCHEDULES, MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
                             autocast_context, gather_rng_states, last_checkpoint, make_adamw,
-                            make_grad_scaler, new_run_dir, set_rng_state)
+                            make_grad_scaler, new_run_dir, scheduled_lr, set_rng_state)
 
 # The flags that fix the model's shape; a resumed run takes them from its checkpoint.
 ARCH_FLAGS = ("strategy", "gpt_model", "vocab_size", "cls_token_num", "image_size", "downsample_size",
@@ -207,6 +207,11 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         raw_model = model  # sharded in place; its state dicts are gathered collectively
         logger.info(f"FSDP ({args.data_parallel}): every transformer block sharded over {world} rank(s)")
     optimizer = make_adamw(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    if args.lr_schedule != "constant" and strategy.owns_lr():
+        raise ValueError(f"--strategy {args.strategy} sets its own learning-rate schedule with the flags given "
+                         f"(NPP --scheduler, VAR --wpe): drop --lr-schedule {args.lr_schedule}")
+    # --warmup-epochs belongs to the strategy's own schedule when it has one (NPP's per-stage warm-up).
+    driver_lr = not strategy.owns_lr() and (args.lr_schedule != "constant" or (args.warmup_epochs or 0) > 0)
     if ckpt_loaded:
         load_optimizer_state(model, optimizer, optimizer_state, args.data_parallel)
         del optimizer_state
@@ -233,6 +238,11 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
                                  pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
         for _ in range(start_batch, steps_per_epoch):
             stage_metrics = strategy.on_step(data_pos, steps_per_epoch, optimizer)  # e.g. NPP's patch stage and lr
+            if driver_lr:
+                lr = scheduled_lr(data_pos, steps_per_epoch, args.lr, args.lr_schedule, args.warmup_epochs or 0.0,
+                                  args.min_lr, args.epochs, args.lr_decay_start_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             finite = True
             for micro in range(accum):
                 codes, labels = next(loader)
@@ -338,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=300, help="training epochs")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (e.g. a short test)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as official)")
+    p.add_argument("--lr-schedule", type=str, default="constant", choices=list(LR_SCHEDULES),
+                   help="constant (LlamaGen), cosine after the warm-up (ARPG: --warmup-epochs 100 --min-lr 1e-5), "
+                        "constant+cosine from --lr-decay-start-epoch (LPD)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warm-up from 0 (default 0; NPP --scheduler: 1 per stage)")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine")
+    p.add_argument("--lr-decay-start-epoch", type=float, default=None,
+                   help="constant+cosine: the epoch the cosine starts (LPD's --lr_decay_start_epoch)")
     p.add_argument("--weight-decay", type=float, default=5e-2, help="AdamW weight decay on 2-D weights")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
