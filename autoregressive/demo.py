@@ -67,10 +67,12 @@ DEMO_RUNS: dict[str, list[dict]] = {
     "par": [dict(label="par-4x")],  # 8x8 grid, 4 regions: 16 + 3 = 19 steps
     # patches of 4, then single tokens, over the same epochs as raster (NPP's claim: less compute)
     "npp": [dict(train_flags=("--patch-level", "2", "--epoch-rate", "0.5", "--scheduler", "--warmup-epochs", "1"))],
-    "arpg": [dict(gpt_model="ARPG-debug", steps=16, label="arpg-16"),
-             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8"),
+    # a constant learning rate like every demo run (ARPG's official 100 warm-up epochs would not fit)
+    "arpg": [dict(gpt_model="ARPG-debug", steps=16, label="arpg-16", train_flags=("--warmup-epochs", "0")),
+             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8", train_flags=("--warmup-epochs", "0")),
              # any schedule on any order-capable model: the ARPG model with LPD's locality-aware orders
-             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8-lpd-order", sample_flags=("--order", "lpd"))],
+             dict(gpt_model="ARPG-debug", steps=8, label="arpg-8-lpd-order", train_flags=("--warmup-epochs", "0"),
+                  sample_flags=("--order", "lpd"))],
     # no official step table for an 8x8 grid: cosine group sizes
     "lpd": [dict(gpt_model="LPD-debug", steps=16, label="lpd-16", sample_flags=("--sample-schedule", "cosine")),
             dict(gpt_model="LPD-debug", steps=8, label="lpd-8", sample_flags=("--sample-schedule", "cosine"))],

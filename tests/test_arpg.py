@@ -214,14 +214,14 @@ def test_two_ranks_learn_from_randar_codes(tmp_path):
            "--code-path", str(codes), "--image-size", "16", "--downsample-size", "4", "--vocab-size", "64",
            "--num-classes", "10", "--global-batch-size", "16", "--lr", "2e-3", "--num-workers", "0",
            "--epochs", "4", "--log-every", "3", "--ckpt-every", "100", "--results-dir", str(tmp_path / "res"),
-           "--device", "cpu"]
+           "--warmup-epochs", "0", "--device", "cpu"]
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     curve = [float(line.split("train/loss ")[1].split(",")[0]) for line in res.stderr.splitlines()
              if "train/loss " in line]
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
-    ckpt = torch.load(next((tmp_path / "res").glob("*/checkpoints/0000024.pt")), weights_only=False)
+    ckpt = torch.load(next((tmp_path / "res").glob("*/checkpoints/0000024.pt")), weights_only=True)
     assert ckpt["args"]["strategy"] == "arpg" and ckpt["codes"]["layout"] == "class-folders"
     # The checkpoint loads back strictly as the size it records.
     model = get_strategy("arpg").load_model(next((tmp_path / "res").glob("*/checkpoints/0000024.pt")))
@@ -264,3 +264,16 @@ def test_edit_command_and_bad_masks(tmp_path):
         edit.main(parser.parse_args(base + ["--box", "8,8,8,20"]))
     with pytest.raises(ValueError, match="--outpaint-border 4 must be >= 1 and leave an interior"):
         edit.main(parser.parse_args(base + ["--outpaint-border", "4"]))
+
+
+def test_training_takes_the_official_lr_schedule_unless_told_otherwise():
+    """No schedule flags: ARPG's official 100 warm-up epochs then a cosine; --warmup-epochs 0 keeps
+    the driver's constant rate."""
+    from autoregressive.train.train_c2i import build_parser
+
+    args = build_parser().parse_args(["--code-path", "x", "--strategy", "arpg", "--gpt-model", "ARPG-debug"])
+    get_strategy("arpg").configure(args)
+    assert (args.lr_schedule, args.warmup_epochs) == ("cosine", 100.0)
+    args = build_parser().parse_args(["--code-path", "x", "--strategy", "arpg", "--warmup-epochs", "0"])
+    get_strategy("arpg").configure(args)
+    assert (args.lr_schedule, args.warmup_epochs) == ("constant", 0.0)

@@ -67,6 +67,10 @@ class ArpgStrategy(RasterStrategy):
             self.schedule.sizes(n, args.steps, min(DEFAULT_STEPS, n))
         if getattr(args, "cfg_interval", -1) != -1:
             raise ValueError("arpg has no --cfg-interval: use --cfg-schedule linear or constant")
+        if getattr(args, "lr_schedule", None) == "constant" and getattr(args, "warmup_epochs", 0) is None:
+            # Training without schedule flags: ARPG's official defaults (100 warm-up epochs, then a
+            # half-cosine to --min-lr). `--warmup-epochs 0` keeps a constant rate.
+            args.lr_schedule, args.warmup_epochs = "cosine", 100.0
 
     def _check_cfg_schedule(self) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:
