@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from autoregressive.sample.schedules import group_sizes
 from autoregressive.strategies import get_strategy
 from autoregressive.strategies.arpg import ArpgStrategy
 from dataset.codes import CodeDataset
+from tests.test_train_c2i import losses, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=32, block_size=16, num_classes=5)  # 4 x 4 grid
@@ -215,11 +215,9 @@ def test_two_ranks_learn_from_randar_codes(tmp_path):
            "--num-classes", "10", "--global-batch-size", "16", "--lr", "2e-3", "--num-workers", "0",
            "--epochs", "4", "--log-every", "3", "--ckpt-every", "100", "--results-dir", str(tmp_path / "res"),
            "--warmup-epochs", "0", "--device", "cpu"]
-    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=300)
+    res = run(cmd)
     assert res.returncode == 0, res.stderr[-3000:]
-    curve = [float(line.split("train/loss ")[1].split(",")[0]) for line in res.stderr.splitlines()
-             if "train/loss " in line]
+    curve = losses(res.stderr)
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
     ckpt = torch.load(next((tmp_path / "res").glob("*/checkpoints/0000024.pt")), weights_only=True)
     assert ckpt["args"]["strategy"] == "arpg" and ckpt["codes"]["layout"] == "class-folders"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from autoregressive.sample.row_rng import RowRNG
 from autoregressive.strategies.var import VarStrategy, lr_wd_factors
 from tokenizer.msvq import build_msvq, load_msvq, msvq_checkpoint
 from tokenizer.vq_model import VQ_models
+from tests.test_train_c2i import losses, run
 from utils.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,23 +328,19 @@ def test_extracted_codes_train_on_two_ranks(tmp_path):
            "--dropout-p", "0", "--token-dropout-p", "0", "--bs", "8", "--ep", "3", "--tblr", "0.1",
            "--wpe", "0.1", "--num-workers", "0", "--log-every", "3", "--ckpt-every", "100",
            "--results-dir", str(tmp_path / "results"), "--device", "cpu"]
-    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=300)
+    res = run(cmd)
     assert res.returncode == 0, res.stderr[-3000:]
-    curve = [float(line.split("train/loss ")[1].split(",")[0]) for line in res.stderr.splitlines()
-             if "train/loss " in line]
+    curve = losses(res.stderr)
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
 
     # Interrupted at step 5 and resumed: the same weights as the uninterrupted run above.
     first = next((tmp_path / "results").iterdir()) / "checkpoints"
     final = sorted(first.glob("*.pt"))[-1]
     part = [*cmd[:cmd.index("--results-dir")], "--results-dir", str(tmp_path / "part"), "--device", "cpu"]
-    res = subprocess.run([*part, "--max-steps", "5"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    res = run([*part, "--max-steps", "5"])
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = next((tmp_path / "part").iterdir())
-    res = subprocess.run([*part, "--resume", str(run_dir)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    res = run([*part, "--resume", str(run_dir)])
     assert res.returncode == 0, res.stderr[-3000:]
     a = torch.load(final, weights_only=True)["model"]
     b = torch.load(run_dir / "checkpoints" / final.name, weights_only=True)["model"]

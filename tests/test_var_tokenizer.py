@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +16,12 @@ import torch
 from autoregressive.strategies.var import VarStrategy
 from autoregressive.train import extract_codes_c2i
 from tokenizer.msvq import MultiScaleVQVAE, build_msvq_named, load_msvq, msvq_checkpoint
-from tokenizer.train_vq import get_parser, main
+from tests.test_train_vq import only_run, run
 from utils.checkpoint import CheckpointError, load_checkpoint
 
 TINY = ["--vq-model", "MSVQ-debug", "--codebook-size", "64", "--codebook-embed-dim", "8", "--v-patch-nums",
         "1_2_4_8", "--dataset", "digits", "--image-size", "32", "--num-workers", "0", "--perceptual-weight", "0",
         "--device", "cpu", "--mixed-precision", "none", "--lr", "1e-3", "--global-batch-size", "8"]
-
-
-def run(argv: list[str]) -> None:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    main(args, {k: parser.get_default(k) for k in vars(args)})
-
-
-def only_run(results: Path) -> Path:
-    runs = [p for p in results.iterdir() if p.is_dir()]
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 STEPS = ["--max-steps", "12", "--ckpt-every", "6", "--disc-start", "12"]  # the GAN counts at the last step
