@@ -101,21 +101,23 @@ def demo_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
     return runs
 
 
-def steps_per_epoch(batch_size: int) -> int:
-    """Optimizer steps per epoch of the digits' train split (the last partial batch is dropped)."""
+def training_epochs(run: dict, batch_size: int) -> int:
+    """Whole epochs of the digits' train split covering the run's step budget (the last partial
+    batch of an epoch is dropped): schedules that depend on the epoch (NPP's patch stages) then run
+    their full course, and --max-steps stops at the budget."""
     from dataset.digits import load_digits_arrays
-    return max(len(load_digits_arrays("train")[1]) // batch_size, 1)
+    per_epoch = max(len(load_digits_arrays("train")[1]) // batch_size, 1)
+    return -(-run["gpt_steps"] // per_epoch)
 
 
 def train_compute(run: dict, epochs: int) -> float:
     """Training compute relative to raster next-token training for the same epochs (NPP: < 1)."""
     if run["strategy"] != "npp":
         return 1.0
+    from autoregressive.train import train_c2i
     from autoregressive.train.npp_schedule import patch_schedule, training_flops_fraction
-    flags = list(run["train_flags"])
-    level = int(flags[flags.index("--patch-level") + 1]) if "--patch-level" in flags else 2
-    rate = float(flags[flags.index("--epoch-rate") + 1]) if "--epoch-rate" in flags else 0.5
-    return training_flops_fraction(patch_schedule(level, epochs, rate))
+    flags = train_c2i.build_parser().parse_args(["--code-path", "-", *run["train_flags"]])  # NPP's own defaults
+    return training_flops_fraction(patch_schedule(flags.patch_level, epochs, flags.epoch_rate))
 
 
 def gpt_folder_name(run: dict, args: argparse.Namespace) -> str:
@@ -276,9 +278,7 @@ def stage_gpt(out: Path, run: dict, code_path: Path, vq_ckpt: Path, args, logger
     name, model = run["strategy"], run["gpt_model"]
     results = out / "gpt" / gpt_folder_name(run, args) / code_path.name
     steps = run["gpt_steps"]
-    # Whole epochs covering the step budget: schedules that depend on the epoch (NPP's patch
-    # stages) then run their full course; --max-steps stops at the budget.
-    epochs = -(-steps // steps_per_epoch(args.gpt_batch_size))
+    epochs = training_epochs(run, args.gpt_batch_size)
     ckpt, partial = final_checkpoint(results, f"{model}-{name}", steps)
     if ckpt is not None:
         logger.info(f"reusing the {name} GPT {ckpt}")
@@ -476,9 +476,8 @@ def main(args: argparse.Namespace) -> Path:
         images, labels = data["arr_0"], data["labels"]
         write_grid(out / f"grid_{name}.png", images, args.per_class, args.grid_per_class)
         scores = evaluate(images, labels, clf, ref, device)
-        epochs = -(-run["gpt_steps"] // steps_per_epoch(args.gpt_batch_size))
         rows.append({"strategy": name, "gpt_model": run["gpt_model"], "train_steps": run["gpt_steps"],
-                     "train_compute_vs_raster": train_compute(run, epochs),
+                     "train_compute_vs_raster": train_compute(run, training_epochs(run, args.gpt_batch_size)),
                      "decoding_steps": meta["decoding_steps"], "images_per_s": meta["images_per_s"],
                      "num_images": len(images), "cfg_scale": run["cfg_scale"],
                      "temperature": run["temperature"], "top_k": run["top_k"], **scores})

@@ -119,12 +119,13 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     # Data: checked before anything is written ----------------------------------------------
-    get_strategy(args.strategy).configure(args)  # bad strategy flags: refused before any folder exists
+    strategy = get_strategy(args.strategy)
+    strategy.configure(args)  # bad strategy flags: refused before any folder exists
     data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
                        seed=args.global_seed)
     codes_info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
                                         codebook_size=args.vocab_size,
-                                        num_tokens=get_strategy(args.strategy).code_length(args))
+                                        num_tokens=strategy.code_length(args))
     if data.class_to_idx is not None and len(data.class_to_idx) > args.num_classes:
         raise ValueError(f"the codes have {len(data.class_to_idx)} classes but --num-classes is {args.num_classes}")
 
@@ -158,8 +159,9 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
     logger.info(f"run folder {run_dir}; world size {world}; device {device}; micro-batch {micro_batch}")
 
     # Model, EMA, optimizer ------------------------------------------------------------------
-    strategy = get_strategy(args.strategy)
-    strategy.configure(args)
+    if ckpt is not None:  # the architecture flags may have come from the checkpoint: configure for them
+        strategy = get_strategy(args.strategy)
+        strategy.configure(args)
     model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
     if args.ema and is_sharded(args.data_parallel):
         raise ValueError(f"--ema needs the unsharded weights on every rank: use --data-parallel ddp "
