@@ -41,18 +41,6 @@ def check_schedule(order: torch.Tensor, group_sizes: Sequence[int], num_tokens: 
                          f"but the order has {m} tokens")
 
 
-def _guided_logits(logits: torch.Tensor, cfg_scale: float, scale: float | torch.Tensor | None) -> torch.Tensor:
-    """Combine the CFG halves of (2B, G, V) with a scalar or a per-token scale (B or 1, G)."""
-    if not cfg_enabled(cfg_scale):
-        return logits
-    if scale is None:  # guidance switched off for this step: the conditional half alone
-        return combine_cfg(logits, cfg_scale, guided=False)
-    if isinstance(scale, torch.Tensor):
-        cond, uncond = logits.chunk(2, dim=0)
-        return uncond + (cond - uncond) * scale.to(logits.dtype).reshape(*scale.shape, 1)
-    return combine_cfg(logits, float(scale), guided=True)
-
-
 @torch.no_grad()
 def decode_in_groups(step: StepFn, order: torch.Tensor, group_sizes: Sequence[int], batch_size: int, *,
                      cfg_scale: float = 1.0, cfg_scale_at: CfgScaleFn | None = None,
@@ -85,7 +73,8 @@ def decode_in_groups(step: StepFn, order: torch.Tensor, group_sizes: Sequence[in
         step_pos = pos if pos.dim() == 1 else pos.repeat(reps, 1)
         logits = step(g, prev_tokens, prev_pos, step_pos)  # (B', G, V)
         scale = cfg_scale if cfg_scale_at is None else cfg_scale_at(g, pos, idx)
-        guided = _guided_logits(logits, cfg_scale, scale)  # (B, G, V)
+        # scale None: guidance switched off for this step (the conditional half alone)
+        guided = combine_cfg(logits, cfg_scale, guided=scale is not None, scale=scale)  # (B, G, V)
         if record_logits is not None:
             record_logits.append(guided)
         sampled, _ = sample_from_logits(guided, temperature, top_k, top_p, generator)  # (B, G)

@@ -67,18 +67,24 @@ def cfg_guided(step: int, cfg_interval: float) -> bool:
     return not (cfg_interval > -1 and step - 1 > cfg_interval)
 
 
-def combine_cfg(logits: torch.Tensor, cfg_scale: float, guided: bool = True) -> torch.Tensor:
+def combine_cfg(logits: torch.Tensor, cfg_scale: float, guided: bool = True,
+                scale: float | torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the batch `[cond ; uncond]` (2B, ..., V) -> (B, ..., V).
 
-    Guided: `uncond + (cond - uncond) * cfg_scale`; unguided (outside the cfg interval): the
-    conditional half alone. Without CFG (cfg_scale <= 1) the batch is returned unchanged.
+    Guided: `uncond + (cond - uncond) * s` with s = `scale` when given (a float, or a tensor of
+    per-row / per-token scales broadcastable to the logits without their last dimension, e.g.
+    (B | 1, G) for a group of G tokens), else `cfg_scale`; unguided (outside the cfg interval):
+    the conditional half alone. Without CFG (cfg_scale <= 1) the batch is returned unchanged.
     """
     if not cfg_enabled(cfg_scale):
         return logits
     cond, uncond = logits.chunk(2, dim=0)
     if not guided:
         return cond
-    return uncond + (cond - uncond) * cfg_scale
+    s = cfg_scale if scale is None else scale
+    if isinstance(s, torch.Tensor):
+        s = s.to(logits.dtype).unsqueeze(-1)  # one scale per row of the vocabulary axis
+    return uncond + (cond - uncond) * s
 
 
 # ---------------------------------------------------------------------------------------------
