@@ -3,7 +3,6 @@ known tokens, 2-rank training from a RandAR-layout code folder learns, bad input
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from autoregressive.strategies import get_strategy
 from autoregressive.strategies.arpg import ArpgStrategy
 from dataset.codes import CodeDataset
 from tests.test_train_c2i import losses, run
+from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=32, block_size=16, num_classes=5)  # 4 x 4 grid
@@ -209,8 +209,7 @@ def test_two_ranks_learn_from_randar_codes(tmp_path):
     assert data.layout == "class-folders" and len(data) == 96 and (data.num_aug, data.num_tokens) == (2, 16)
     x, y = data[len(data) - 1]  # items are sorted by class folder
     assert x.shape == (16,) and int(y) == 9 and int(x[0]) == 45
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29800 + os.getpid() % 100),
-           "autoregressive/train/train_c2i.py", "--strategy", "arpg", "--gpt-model", "ARPG-debug",
+    cmd = [*torchrun(2), "autoregressive/train/train_c2i.py", "--strategy", "arpg", "--gpt-model", "ARPG-debug",
            "--code-path", str(codes), "--image-size", "16", "--downsample-size", "4", "--vocab-size", "64",
            "--num-classes", "10", "--global-batch-size", "16", "--lr", "2e-3", "--num-workers", "0",
            "--epochs", "4", "--log-every", "3", "--ckpt-every", "100", "--results-dir", str(tmp_path / "res"),

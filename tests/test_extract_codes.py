@@ -19,6 +19,7 @@ from dataset.codes import META_FILE, MANIFEST_FILE
 from dataset.image_folder import DatasetError, ImageFolderSafe
 from dataset.transforms import center_crop_tensor, ten_crop_tensor, with_flip
 from tests.extract_helpers import ROOT, extract_args, extract_flags, make_image_folder, make_vq_ckpt
+from tests.torchrun import torchrun
 from tokenizer.loading import load_vq, tokenizer_identity
 from utils.checkpoint import CheckpointError, save_checkpoint
 
@@ -82,8 +83,7 @@ def test_reference_layout_and_codes(env):
 
 def test_torchrun_two_ranks_equal_one_process(env):
     out = env / "ddp"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000),
-           "autoregressive/train/extract_codes_c2i.py", *extract_flags(env / "imgs", out, env / "vq.pt")]
+    cmd = [*torchrun(2), "autoregressive/train/extract_codes_c2i.py", *extract_flags(env / "imgs", out, env / "vq.pt")]
     res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_files(env / "ref", out)  # exactly N_IMAGES files each: no padding duplicates

@@ -3,7 +3,6 @@ evaluates, and prints the published beside the measured numbers."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from autoregressive import reproduce
 from autoregressive.sample import sample_c2i_ddp
 from autoregressive.strategies import strategy_names
 from tests.test_sample_ddp import ckpts  # noqa: F401  (the tiny GPT + tokenizer fixture)
+from tests.torchrun import free_port
 from utils.download import get_checkpoint
 
 
@@ -63,7 +63,7 @@ def test_reproduce_end_to_end_with_torchrun(ckpts, tmp_path, capsys, monkeypatch
     args = reproduce.build_parser().parse_args(
         ["tiny", "debug", "--presets", str(presets), "--nproc-per-node", "2", "--num-fid-samples", "20",
          "--per-proc-batch-size", "5", "--sample-dir", str(tmp_path / "s"), "--is-split-size", "10",
-         "--master-port", str(29700 + os.getpid() % 200)])
+         "--master-port", str(free_port())])
     report = reproduce.main(args, backend=DomainBackend(TinyFeatures(), "tiny", preprocess=lambda x: x.float() / 255,
                                                         device="cpu"),
                             download=lambda name, d: where[name])

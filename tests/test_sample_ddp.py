@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from autoregressive.strategies import get_strategy
+from tests.torchrun import torchrun
 from tokenizer.vq_model import VQ_models
 from utils.checkpoint import save_checkpoint
 
@@ -41,7 +42,7 @@ def run_sampler(ckpts, out, nproc=1, extra=()):
            "--cfg-scale", "2.0", "--top-k", "0", "--num-fid-samples", "30", "--per-proc-batch-size", "4",
            "--sample-dir", str(out), "--device", "cpu", *extra]
     if nproc > 1:
-        cmd = ["torchrun", "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000), *cmd]
+        cmd = [*torchrun(nproc), *cmd]
     else:
         cmd = [sys.executable, *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

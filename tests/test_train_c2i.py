@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import load_checkpoint
+from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def train_cmd(codes: Path, results: Path, *extra: str, nproc: int = 1) -> list[s
             "--gpt-model", "GPT-debug", "--global-batch-size", "16", "--lr", "1e-3", "--num-workers", "0",
             "--results-dir", str(results), "--device", "cpu", *extra]
     if nproc > 1:
-        return ["torchrun", "--nproc_per_node", str(nproc), "--master_port", str(29600 + os.getpid() % 1000), *args]
+        return [*torchrun(nproc), *args]
     return [sys.executable, *args]
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dataset.digits import digit_to_pil, load_digits_arrays
+from tests.torchrun import torchrun
 from tokenizer.train_vq import get_parser, main
 from utils.checkpoint import load_checkpoint
 
@@ -124,7 +125,7 @@ def test_missing_perceptual_weights_stop_with_instructions(tmp_path):
 def test_torchrun_two_ranks(tmp_path):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "tokenizer" / "train_vq.py"),
+    cmd = [*torchrun(2), str(ROOT / "tokenizer" / "train_vq.py"),
            *TINY, "--dataset", "digits", "--global-batch-size", "8", "--max-steps", "2", "--log-every", "1",
            "--disc-start", "1", "--disc-adaptive-weight", "--results-dir", str(tmp_path)]
     res = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=240)

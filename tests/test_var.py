@@ -3,7 +3,6 @@ seeded sampling, bad input refused clearly, and a 2-rank torchrun training whose
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from autoregressive.strategies.var import VarStrategy, lr_wd_factors
 from tokenizer.msvq import build_msvq, load_msvq, msvq_checkpoint
 from tokenizer.vq_model import VQ_models
 from tests.test_train_c2i import losses, run
+from tests.torchrun import torchrun
 from utils.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,14 +321,12 @@ def test_extracted_codes_train_on_two_ranks(tmp_path):
     with pytest.raises(CodesError, match="another tokenizer"):
         VarStrategy().configure(var_args(code_path=str(codes), dataset="folder", vae_ckpt=str(tmp_path / "other.pt")))
 
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 1000),
-           "autoregressive/train/train_c2i.py", "--strategy", "var", "--code-path", str(codes),
+    train = ["autoregressive/train/train_c2i.py", "--strategy", "var", "--code-path", str(codes),
            "--dataset", "folder", "--image-size", "48", "--pn", "1_2_3", "--vae-ckpt", str(tmp_path / "msvq.pt"),
            "--vocab-size", "16", "--num-classes", "10", "--depth", "2", "--alng", "1e-3",
            "--dropout-p", "0", "--token-dropout-p", "0", "--bs", "8", "--ep", "3", "--tblr", "0.1",
-           "--wpe", "0.1", "--num-workers", "0", "--log-every", "3", "--ckpt-every", "100",
-           "--results-dir", str(tmp_path / "results"), "--device", "cpu"]
-    res = run(cmd)
+           "--wpe", "0.1", "--num-workers", "0", "--log-every", "3", "--ckpt-every", "100", "--device", "cpu"]
+    res = run([*torchrun(2), *train, "--results-dir", str(tmp_path / "results")])
     assert res.returncode == 0, res.stderr[-3000:]
     curve = losses(res.stderr)
     assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
@@ -336,11 +334,11 @@ def test_extracted_codes_train_on_two_ranks(tmp_path):
     # Interrupted at step 5 and resumed: the same weights as the uninterrupted run above.
     first = next((tmp_path / "results").iterdir()) / "checkpoints"
     final = sorted(first.glob("*.pt"))[-1]
-    part = [*cmd[:cmd.index("--results-dir")], "--results-dir", str(tmp_path / "part"), "--device", "cpu"]
-    res = run([*part, "--max-steps", "5"])
+    part = [*train, "--results-dir", str(tmp_path / "part")]
+    res = run([*torchrun(2), *part, "--max-steps", "5"])
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = next((tmp_path / "part").iterdir())
-    res = run([*part, "--resume", str(run_dir)])
+    res = run([*torchrun(2), *part, "--resume", str(run_dir)])
     assert res.returncode == 0, res.stderr[-3000:]
     a = torch.load(final, weights_only=True)["model"]
     b = torch.load(run_dir / "checkpoints" / final.name, weights_only=True)["model"]
