@@ -3,7 +3,7 @@
 One object per generation call, allocated once (`KVCache(...)` or `Transformer.new_cache(...)`)
 and passed explicitly to `prefill` / `decode_step`; it is never attached to a model. Every layer
 owns a slice `(B, H_kv, L, hd)` of two tensors `(n_layer, B, H_kv, L, hd)`. A step writes the keys
-and values of its G new elements at G cache slots (`index_copy_`, no `torch.cat`), so a step may
+and values of its G new elements at G cache slots (an indexed write, no `torch.cat`), so a step may
 carry one token (raster), a group of tokens (PAR, LPD) or tokens for arbitrary grid cells (ARPG:
 the slot is the generation step, the 2-D position travels separately in the RoPE rows). Shapes
 stay static from step to step: attention always reads the full length L and a boolean mask hides
@@ -29,8 +29,10 @@ class LayerKVCache:
         """
         b = k.shape[0]
         k_all, v_all = self.k[:b], self.v[:b]  # (B, H_kv, L, hd) views of the preallocated storage
-        k_all.index_copy_(2, pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, pos, v.to(v_all.dtype))
+        # An indexed assignment (not `index_copy_`): torch.compile turns it back into an in-place
+        # write of the G slots instead of copying the whole cache.
+        k_all[:, :, pos] = k.to(k_all.dtype)
+        v_all[:, :, pos] = v.to(v_all.dtype)
         return k_all, v_all
 
 
@@ -59,6 +61,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values together (what attention reads per step: every slot, masked)."""
+        return 2 * self.k.numel() * self.k.element_size()
 
     def layer(self, i: int) -> LayerKVCache:
         return self._layers[i]

@@ -302,10 +302,12 @@ class VAR(nn.Module):
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def new_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for the whole sequence (L slots) of `batch_size` rows."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for the whole sequence (L slots) of `batch_size` rows (`max_len`: None or L)."""
         w = self.head.weight
         cfg = self.config
+        if max_len not in (None, cfg.L):
+            raise ValueError(f"a VAR cache holds every scale: max_len must be {cfg.L}, got {max_len}")
         return KVCache(cfg.depth, batch_size, cfg.num_heads, cfg.L, cfg.embed_dim // cfg.num_heads,
                        dtype=dtype or w.dtype, device=w.device)
 

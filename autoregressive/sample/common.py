@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoregressive.sample.fast_decode import DECODE_PATHS, make_runner
 from autoregressive.sample.orders import add_schedule_arguments
 from autoregressive.sample.row_rng import RowRNG
 from autoregressive.strategies import (Strategy, add_strategy_arguments, get_strategy, model_size_names,
@@ -33,6 +34,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cls-token-num", type=int, default=1, help="class tokens before the image tokens")
     g.add_argument("--precision", type=str, default="bf16", choices=list(PRECISIONS),
                    help="GPT weights and KV cache dtype on CUDA (CPU always runs float32)")
+    g.add_argument("--decode-path", type=str, default="auto", choices=DECODE_PATHS,
+                   help="eager: the reference loop; cuda-graphs: persistent KV caches and one CUDA graph per "
+                        "step shape; compiled: the same over torch.compile'd steps, and the tokenizer decodes "
+                        "in bf16 channels_last; auto: compiled on CUDA, eager on CPU")
     g.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models), help="tokenizer size")
     g.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint")
     g.add_argument("--codebook-size", type=int, default=16384, help="tokenizer codebook size")
@@ -77,7 +82,13 @@ class Sampler:
         tokens = self.strategy.generate(self.gpt, labels.to(device), cfg_scale=a.cfg_scale,
                                         cfg_interval=a.cfg_interval, temperature=a.temperature,
                                         top_k=a.top_k, top_p=a.top_p, steps=a.steps, generator=rng)
-        return self.strategy.decode_tokens(self.vq, tokens, self.grid).float()
+        return self.decode(tokens)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> images (B,3,S,S) float32; in bf16 autocast on the fast CUDA paths."""
+        fast = self.strategy.runner.name != "eager" and tokens.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
+            return self.strategy.decode_tokens(self.vq, tokens, self.grid).float()
 
 
 def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
@@ -97,4 +108,7 @@ def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
                               **strategy.model_config(args))
     dtype = PRECISIONS[args.precision] if device.type == "cuda" else torch.float32
     gpt = gpt.to(device=device, dtype=dtype).eval()
+    strategy.runner = make_runner(args.decode_path, device)
+    if strategy.runner.name != "eager":  # channels_last convolutions for the bf16 tokenizer decode
+        vq = vq.to(memory_format=torch.channels_last)
     return Sampler(strategy, gpt, vq.eval(), args)

@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> Path:
     tokens = sampler.strategy.edit(sampler.gpt, labels, codes.repeat(k, 1), ~regen.reshape(-1).to(device),
                                    cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, steps=args.steps, generator=rng)
-    results = sampler.strategy.decode_tokens(sampler.vq, tokens, grid).float()  # (K, 3, S, S)
+    results = sampler.decode(tokens)  # (K, 3, S, S)
 
     shown = x.clone()
     cell = regen.repeat_interleave(args.downsample_size, 0).repeat_interleave(args.downsample_size, 1).to(device)

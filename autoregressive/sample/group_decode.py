@@ -16,7 +16,8 @@ import torch
 
 from autoregressive.sample.logits import Generator, cfg_enabled, combine_cfg, sample_from_logits
 
-#: step(g, prev_tokens, prev_positions, next_positions) -> logits (B', G_g, V).
+#: step(g, prev_tokens, prev_positions, next_positions) -> logits (B', G_g, V), valid until the next
+#: call (a step replayed from a CUDA graph, `fast_decode.py`, writes every step into one buffer).
 #: prev_tokens (B', G_{g-1}) are the tokens sampled at step g - 1 (None at g = 0), already repeated
 #: for both CFG halves; positions are raster indices, (G,) when the batch shares one order, else (B', G).
 StepFn = Callable[[int, Union[torch.Tensor, None], Union[torch.Tensor, None], torch.Tensor], torch.Tensor]
@@ -75,8 +76,8 @@ def decode_in_groups(step: StepFn, order: torch.Tensor, group_sizes: Sequence[in
         scale = cfg_scale if cfg_scale_at is None else cfg_scale_at(g, pos, idx)
         # scale None: guidance switched off for this step (the conditional half alone)
         guided = combine_cfg(logits, cfg_scale, guided=scale is not None, scale=scale)  # (B, G, V)
-        if record_logits is not None:
-            record_logits.append(guided)
+        if record_logits is not None:  # a copy: a replayed CUDA graph reuses its output buffer
+            record_logits.append(guided.clone())
         sampled, _ = sample_from_logits(guided, temperature, top_k, top_p, generator)  # (B, G)
         pos_b = pos.expand(batch_size, size) if pos.dim() == 1 else pos
         tokens.scatter_(1, pos_b, sampled)

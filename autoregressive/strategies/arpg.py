@@ -167,7 +167,8 @@ class ArpgStrategy(RasterStrategy):
         if known_positions is not None and known_positions.numel():
             first_ids = torch.cat([first_ids, known_tokens.repeat(reps, 1)], dim=1)  # (B', 1 + M)
             first_rows = torch.cat([first_rows, known_positions.to(device) + 1])  # (1 + M,)
-        cache = model.new_cache(cond.shape[0], max_len=first_ids.shape[1] + order.shape[-1] - sizes[-1])
+        run = self.runner
+        cache = run.cache(model, cond.shape[0], max_len=first_ids.shape[1] + order.shape[-1] - sizes[-1])
         scales = self.cfg_scales(cfg_scale, sizes)
         filled = [0]  # cache slots written so far
 
@@ -176,7 +177,7 @@ class ArpgStrategy(RasterStrategy):
             ids, rows = (first_ids, first_rows) if g == 0 else (prev, prev_pos + 1)
             slots = torch.arange(filled[0], filled[0] + ids.shape[1], device=device)
             filled[0] += ids.shape[1]
-            return model.decode_step(ids, rows, next_pos + 1, cache, slots)  # (B', G, V)
+            return run(model.decode_step, ids, rows, next_pos + 1, cache, slots)  # (B', G, V)
 
         tokens = decode_in_groups(step, order, sizes, b, cfg_scale=cfg_scale,
                                   cfg_scale_at=lambda g, pos, idx: scales[g], temperature=temperature,

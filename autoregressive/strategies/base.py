@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from autoregressive.sample.fast_decode import StepRunner
 from autoregressive.sample.logits import Generator, check_cfg_scale
 
 
@@ -41,6 +42,20 @@ class Strategy(ABC):
     #: this strategy's flags that fix the training schedule but not the model (e.g. NPP's patch
     #: stages): like `arch_flags`, taken from the checkpoint on resume and an error when contradicted.
     schedule_flags: tuple[str, ...] = ()
+
+    # -- decoding path ----------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> StepRunner:
+        """How `generate` / `edit` run their model steps and get their KV cache
+        (`autoregressive/sample/fast_decode.py`): the eager reference unless a driver set another."""
+        if "_runner" not in self.__dict__:
+            self._runner = StepRunner()
+        return self._runner
+
+    @runner.setter
+    def runner(self, runner: StepRunner) -> None:
+        self._runner = runner
 
     # -- flags ------------------------------------------------------------------------------------
 

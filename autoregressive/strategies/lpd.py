@@ -33,6 +33,7 @@ import torch
 
 from autoregressive.models.lpd import (LPD, LPD_SIZES, block_causal_mask, build_lpd, interpolate_pos_embed)
 from autoregressive.models.official import read_gpt_checkpoint
+from autoregressive.sample.fast_decode import StepRunner
 from autoregressive.sample.group_decode import decode_in_groups
 from autoregressive.sample.logits import Generator, cfg_enabled
 from autoregressive.sample.lpd_order import training_group_sizes
@@ -201,7 +202,7 @@ class LpdStrategy(Strategy):
         order = self.schedule.orders(labels.shape[0], sizes, generator, model.pos_embed.device)
         return decode_lpd(model, labels, order, sizes, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                          record_logits=record_logits)
+                          record_logits=record_logits, runner=self.runner)
 
     @torch.no_grad()
     def edit(self, model: LPD, labels: torch.Tensor, known_tokens: torch.Tensor,
@@ -223,7 +224,7 @@ class LpdStrategy(Strategy):
         return decode_lpd(model, labels, order, sizes, known_tokens=known_tokens.to(device),
                           known_mask=known_mask, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                          record_logits=record_logits)
+                          record_logits=record_logits, runner=self.runner)
 
 
 @torch.no_grad()
@@ -231,7 +232,7 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
                known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                cfg_scale: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, generator: Generator | None = None, record_logits: list | None = None,
-               record_head: list | None = None) -> torch.Tensor:
+               record_head: list | None = None, runner: StepRunner | None = None) -> torch.Tensor:
     """Run one schedule with the KV cache (spec 3.2) -> (B, N) raster token ids.
 
     Args:
@@ -241,6 +242,7 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
         cfg_schedule: `linear` scales the token of order index t by 1 + (cfg - 1) t / N (known
             tokens count first when editing), `constant` by cfg.
         record_head: if a list, receives per step the raw head logits (B', G, V) (parity).
+        runner: how the model steps run and where the cache comes from (default: eager).
     Cache slots: 0 = class, then the known cells, then one per order index. Step g writes
     `[prev ; queries of group g]` and attends under the block-causal mask over
     `[1, (M_known,) g_1, ..., g_K]`; a query's K/V slot is overwritten by its token a step later.
@@ -266,15 +268,16 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
     bounds = [0, 1 + n_known]
     for g in sizes:
         bounds.append(bounds[-1] + g)
-    cache = model.new_cache(b * reps, max_len=bounds[-1])
+    run = runner or StepRunner()
+    cache = run.cache(model, b * reps, max_len=bounds[-1])
 
     def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None, next_pos: torch.Tensor) -> torch.Tensor:
         x_prev = first if g == 0 else model.embed_tokens(prev, prev_pos)  # (B', P, D)
         x = torch.cat([x_prev, model.embed_queries(next_pos, b * reps)], dim=1)  # (B', P + G, D)
         slots = torch.arange(bounds[g], bounds[g + 2], device=device)
-        logits = model.decode_step(x, cache, slots, mask[slots], num_out=next_pos.shape[-1])  # (B', G, V)
+        logits = run(model.decode_step, x, cache, slots, mask[slots], next_pos.shape[-1])  # (B', G, V)
         if record_head is not None:
-            record_head.append(logits)
+            record_head.append(logits.clone())  # a replayed graph reuses its output buffer
         return logits
 
     if cfg_schedule not in CFG_SCHEDULES:

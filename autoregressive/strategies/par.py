@@ -126,16 +126,17 @@ class ParStrategy(RasterStrategy):
                              f"(n single steps, then groups of n), got steps={steps}")
         labels = labels.to(model.tok_embeddings.weight.device)
         cond = cfg_labels(labels, model.num_classes, cfg_scale)  # (B' = 2B with CFG, else B)
-        cache = model.new_cache(cond.shape[0])
+        run = self.runner
+        cache = run.cache(model, cond.shape[0])
 
         def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None,
                  next_pos: torch.Tensor) -> torch.Tensor:
             if g == 0:
-                return model.prefill(cond, cache)  # (B', 1, V) -> zp_0
+                return run(model.prefill, cond, cache)  # (B', 1, V) -> zp_0
             if g == n:
-                return model.decode_transition(prev, cache)  # [zp_{n-1}, M] -> (B', n, V) group 1
+                return run(model.decode_transition, prev, cache)  # [zp_{n-1}, M] -> (B', n, V) group 1
             # The previous token (g < n) or group at its slots -> the next token or group.
-            return model.decode_step(prev, cache, model.slot_of_cell[prev_pos])  # (B', G, V)
+            return run(model.decode_step, prev, cache, model.slot_of_cell[prev_pos])  # (B', G, V)
 
         def cfg_scale_at(g: int, pos: torch.Tensor, idx: torch.Tensor) -> float | None:
             return cfg_scale if self.cfg_step_guided(g, n, cfg_interval) else None

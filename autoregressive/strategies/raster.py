@@ -96,13 +96,14 @@ class RasterStrategy(Strategy):
         labels = labels.to(device)
         cond = cfg_labels(labels, model.num_classes, cfg_scale)  # (B' = 2B with CFG, else B)
         # Slots: class token at 0, z_t at 1 + t for t < N - 1 (the last token is never fed).
-        cache = model.new_cache(cond.shape[0], max_len=model.cls_token_num + n - 1)
+        run = self.runner
+        cache = run.cache(model, cond.shape[0], max_len=model.cls_token_num + n - 1)
 
         def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None,
                  pos: torch.Tensor) -> torch.Tensor:
             if prev is None:
-                return model.prefill(cond, cache)[:, -1:]  # (B', 1, V)
-            return model.decode_step(prev, cache, prev_pos + model.cls_token_num)  # (B', 1, V)
+                return run(model.prefill, cond, cache)[:, -1:]  # (B', 1, V)
+            return run(model.decode_step, prev, cache, prev_pos + model.cls_token_num)  # (B', 1, V)
 
         recorded: list | None = [] if record_logits is not None else None
         tokens = decode_in_groups(

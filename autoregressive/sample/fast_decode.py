@@ -1,0 +1,196 @@
+"""How a sampling loop runs its model: eagerly, or replayed from one CUDA graph per step shape.
+
+Every strategy's sampling loop calls its model through a `StepRunner` (`Strategy.runner`) and
+takes its KV cache from it; nothing else about a strategy changes between the paths:
+
+- `eager` (the reference, and the only path on CPU): a fresh zeroed cache per `generate` call,
+  every step a plain call of the model.
+- `cuda-graphs`: the caches persist across calls (one per model, batch rows and length; slots not
+  written yet are hidden by the attention masks, so stale values from a previous batch are never
+  read) and each distinct step — the same model function on inputs of the same shapes — is
+  captured once as a CUDA graph with static input buffers and then only replayed: a step costs
+  one graph launch instead of a few hundred kernel launches.
+- `compiled`: the same, with each step function compiled by `torch.compile` (inductor, automatic
+  dynamic shapes so that the parallel strategies' group sizes share one compilation) before it
+  is captured, which fuses the normalisation, RoPE and activation kernels.
+
+A captured step may only depend on its tensor arguments, the model's weights and the cache: the
+graph bakes in the addresses of everything it touched. The runner therefore refuses closures,
+and copies every tensor argument into the graph's static buffer before each replay. Sampling
+(CFG, temperature, top-k/top-p, per-image streams) stays outside the graph, on the device
+without host synchronisation (`autoregressive/sample/logits.py`, `row_rng.py`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from autoregressive.models.kv_cache import KVCache
+
+#: The `--decode-path` choices; `auto` is `compiled` on CUDA and `eager` elsewhere.
+DECODE_PATHS = ("auto", "eager", "cuda-graphs", "compiled")
+#: Compilations allowed per step function (the default 8 is fewer than VAR's scales x batch sizes).
+RECOMPILE_LIMIT = 64
+
+
+class StepRunner:
+    """The eager reference path: `runner(fn, *args)` is `fn(*args)`; a fresh cache per call."""
+
+    name = "eager"
+
+    def __init__(self) -> None:
+        self.cache_bytes = 0  # size of the last cache handed out (bench: KV bytes per step)
+
+    def cache(self, model: nn.Module, rows: int, max_len: int | None = None) -> KVCache:
+        """A KV cache of `rows` batch rows and `max_len` slots (None: the model's default)."""
+        cache = model.new_cache(rows, max_len=max_len)
+        self.cache_bytes = cache.nbytes
+        return cache
+
+    def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """Run one decoding step: `fn(*args)`. The returned logits are only valid until the next
+        call (a replayed graph writes the next step's logits into the same buffer)."""
+        return fn(*args)
+
+    def reset(self) -> None:
+        """Drop every persistent cache and captured graph (e.g. before measuring a new model)."""
+
+
+class _CapturedStep:
+    """One step function at one input signature: static input buffers, a graph, its output."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], graph: "torch.cuda.CUDAGraph | None", static: list,
+                 output: torch.Tensor):
+        self.fn = fn
+        self.graph = graph  # None: emulated (CPU tests)
+        self.static = static  # the arguments the graph reads; tensors are the static buffers
+        self.output = output
+
+    def replay(self, args: tuple) -> torch.Tensor:
+        for buf, a in zip(self.static, args):
+            if isinstance(a, torch.Tensor) and a.data_ptr() != buf.data_ptr():
+                buf.copy_(a)
+        if self.graph is not None:
+            self.graph.replay()
+        else:  # emulation: recompute from the static buffers into the same output tensor
+            self.output.copy_(self.fn(*self.static))
+        return self.output
+
+
+def _step_identity(fn: Callable) -> tuple:
+    """What makes two step functions the same captured program: the code, and the module bound."""
+    func = getattr(fn, "__func__", fn)
+    if set(getattr(func, "__code__").co_freevars) - {"__class__"}:  # `super()` alone adds a `__class__` cell
+        raise TypeError(f"{getattr(func, '__qualname__', func)} is a closure: a captured step may only read its "
+                        f"arguments (a graph would keep the first call's tensors); pass a bound method or a "
+                        f"module-level function and every per-call tensor as an argument")
+    owner = getattr(fn, "__self__", None)
+    return (func.__code__, id(owner))
+
+
+def _arg_key(a: Any) -> tuple:
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), a.dtype, a.device)
+    if isinstance(a, (KVCache, nn.Module)):
+        return ("object", id(a))  # persistent: the caches live in the runner, models in the caller
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return ("value", a)
+    raise TypeError(f"a step argument must be a tensor, a KV cache, a module or a plain value, got {type(a).__name__}")
+
+
+class GraphedSteps(StepRunner):
+    """Persistent caches and one captured graph per (step function, argument shapes).
+
+    Args:
+        compile: compile each step function with `torch.compile` before capturing it.
+        emulate: run on any device without CUDA graphs, replaying by re-running the function
+            captured first on the static buffers (same address semantics; the CPU tests use it).
+        compile_backend: `torch.compile` backend ("inductor"; the CPU tests use "eager" to check
+            that every step traces without a graph break).
+        warmup: eager calls before a capture (they compile and initialise the kernels; a step
+            rewrites the same cache slots with the same values, so repeating it is harmless).
+    """
+
+    def __init__(self, compile: bool = False, *, emulate: bool = False, compile_backend: str = "inductor",
+                 warmup: int = 2):
+        super().__init__()
+        self.name = ("compiled" if compile else "cuda-graphs") + (" (emulated)" if emulate else "")
+        self.compile = compile
+        self.emulate = emulate
+        self.compile_backend = compile_backend
+        self.warmup = warmup
+        self.reset()
+
+    def reset(self) -> None:
+        self._caches: dict[tuple, tuple[nn.Module, KVCache]] = {}
+        self._steps: dict[tuple, _CapturedStep] = {}
+        self._compiled: dict[tuple, Callable] = {}
+        self._pool = None
+        self.captures = 0  # graphs captured so far (tests and the bench report it)
+
+    def cache(self, model: nn.Module, rows: int, max_len: int | None = None) -> KVCache:
+        key = (id(model), rows, max_len, next(model.parameters()).dtype)
+        if key not in self._caches:  # the model is kept with its cache, so its id is not reused
+            self._caches[key] = (model, model.new_cache(rows, max_len=max_len))
+        cache = self._caches[key][1]
+        self.cache_bytes = cache.nbytes
+        return cache
+
+    def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        ident = _step_identity(fn)
+        key = (ident, tuple(_arg_key(a) for a in args))
+        step = self._steps.get(key)
+        if step is None:
+            step = self._capture(self._compiled_fn(ident, fn), args)
+            self._steps[key] = step
+        return step.replay(args)
+
+    def _compiled_fn(self, ident: tuple, fn: Callable) -> Callable:
+        if not self.compile:
+            return fn
+        if ident not in self._compiled:
+            # One compilation per step function and plain-value arguments (VAR: one per scale) and
+            # batch size: more than dynamo's default of 8 per function.
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+            self._compiled[ident] = torch.compile(fn, backend=self.compile_backend, fullgraph=True)
+        return self._compiled[ident]
+
+    def _capture(self, fn: Callable[..., torch.Tensor], args: tuple) -> _CapturedStep:
+        static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        self.captures += 1
+        if self.emulate:
+            return _CapturedStep(fn, None, static, fn(*static))
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        if device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, but the step runs on {device}")
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:  # one memory pool for every graph: they never run at the same time
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = fn(*static)
+        return _CapturedStep(fn, graph, static, output)
+
+
+def make_runner(path: str, device: torch.device | str) -> StepRunner:
+    """The runner of a `--decode-path` on `device`: `auto` is `compiled` on CUDA, `eager` elsewhere;
+    the graph paths need CUDA."""
+    device = torch.device(device)
+    if path not in DECODE_PATHS:
+        raise ValueError(f"unknown decode path {path!r}; known: {', '.join(DECODE_PATHS)}")
+    if path == "auto":
+        path = "compiled" if device.type == "cuda" else "eager"
+    if path == "eager":
+        return StepRunner()
+    if device.type != "cuda":
+        raise ValueError(f"--decode-path {path} captures CUDA graphs and needs a CUDA device; "
+                         f"on {device.type} use eager (or auto)")
+    return GraphedSteps(compile=path == "compiled")
