@@ -3,8 +3,13 @@
 A benchmark is not a test; this only checks the script still starts, times both modes and checks
 channels_last against eager.
 """
+import re
+import shlex
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from tests.golden import ROOT
 
@@ -21,16 +26,127 @@ def test_bench_tokenizer_runs():
     assert "codes 100.0%" in rows["channels_last"]
 
 
-def test_bench_sample_runs_with_its_baselines():
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_sample.py"), "--size", "debug", "--image-size", "64",
-           "--vocab-size", "64", "--num-classes", "10", "--batch-sizes", "2", "--iters", "1", "--warmup", "0",
-           "--cases", "raster", "raster-naive", "par-4x"]
+SAMPLE_SMALL = ["--size", "debug", "--image-size", "64", "--vocab-size", "64", "--num-classes", "10",
+                "--batch-sizes", "2", "--iters", "1", "--warmup", "0"]
+
+
+def run_bench_sample(*flags: str) -> str:
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_sample.py"), *SAMPLE_SMALL, *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:] if line.split()}
-    assert rows["raster"][3] == "16" and rows["raster-naive"][3] == "16"  # steps = tokens
-    assert rows["par-4x"][3] == "7"  # N/n + n - 1 = 16/4 + 3
-    assert "baselines" in r.stdout
+    return r.stdout
+
+
+def sample_table(stdout: str) -> dict[str, dict[str, str]]:
+    """The console table by case: {case: {header: cell}} (columns are separated by 2+ spaces)."""
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("case "))
+    head = re.split(r"\s{2,}", lines[at].strip())
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[at + 1:]]
+    return {cols[0]: dict(zip(head, cols)) for cols in rows if len(cols) == len(head)}
+
+
+def test_bench_sample_runs_with_its_baselines():
+    out = run_bench_sample("--cases", "raster", "raster-naive", "par-4x")
+    rows = sample_table(out)
+    assert set(rows) == {"raster", "raster-naive", "par-4x"}
+    assert rows["raster"]["steps"] == "16" and rows["raster-naive"]["steps"] == "16"  # steps = tokens
+    assert rows["par-4x"]["steps"] == "7"  # N/n + n - 1 = 16/4 + 3
+    assert "falls back to eager on CPU" in out  # default paths eager + auto: measured once on CPU
+    for row in rows.values():
+        assert row["path"] == "eager" and row["batch"] == "2" and row["vs eager"] == "1.00x"
+        assert row["floor ms/step"] == "n/a" and row["x floor"] == "n/a"  # no bandwidth known on CPU
+        images_per_s, ms_per_step = float(row["images/s"]), float(row["ms/step"])
+        assert abs(2 / images_per_s * 1e3 / int(row["steps"]) / ms_per_step - 1) < 0.02  # s per call / steps
+    assert rows["raster"]["vs raster"] == "1.00x"
+    assert "baselines" in out
+
+
+def test_bench_sample_bandwidth_floor_and_results(tmp_path):
+    results = tmp_path / "R.md"
+    results.write_text("# Results\n")
+    flags = ["--cases", "raster", "par-4x", "--bandwidth-gbps", "20", "--results", str(results)]
+    out = run_bench_sample(*flags)
+    assert "bandwidth 20 GB/s (from --bandwidth-gbps)" in out.splitlines()[0]
+    rows = sample_table(out)
+    assert set(rows) == {"raster", "par-4x"}
+    for row in rows.values():
+        floor, ms = float(row["floor ms/step"]), float(row["ms/step"])
+        assert 0 < floor < ms
+        assert abs(float(row["x floor"]) / (ms / floor) - 1) < 0.01  # printed to 3-4 digits
+    text = results.read_text()
+    assert text.startswith("# Results\n\n## ")
+    command = " ".join(["python bench/bench_sample.py", *SAMPLE_SMALL, *flags])
+    assert f"```sh\n{command}\n```" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[:4] == ["case", "model", "path", "batch"] and "x floor" in head and "vs eager" in head
+    body = {cells[0]: dict(zip(head, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    assert set(body) == {"raster", "par-4x"}
+    assert body["raster"]["floor ms/step"] == rows["raster"]["floor ms/step"]
+
+
+def test_bench_sample_every_path_beside_eager(monkeypatch, capsys, tmp_path):
+    """The multi-path loop, on CPU: the graph path is the emulated graph runner (fast_decode's CPU
+    stand-in), measured beside eager with its own runner, its caches freed after each measurement."""
+    import bench.bench_sample as bench
+    from autoregressive.sample.fast_decode import GraphedSteps, StepRunner
+
+    made = []
+
+    def make_runner(path, device):
+        made.append(StepRunner() if path == "eager" else GraphedSteps(emulate=True))
+        return made[-1]
+
+    monkeypatch.setattr(bench, "make_runner", make_runner)
+    args = bench.build_parser().parse_args([*SAMPLE_SMALL, "--cases", "raster", "par-4x", "--bandwidth-gbps", "20",
+                                            "--decode-paths", "cuda-graphs", "eager",
+                                            "--results", str(tmp_path / "R.md")])
+    rows = bench.main(args)
+    assert [(r["case"], r["path"]) for r in rows] == [
+        ("raster", "eager"), ("raster", "cuda-graphs (emulated)"),  # eager first: the others compare with it
+        ("par-4x", "eager"), ("par-4x", "cuda-graphs (emulated)")]
+    eager, graphs = rows[0], rows[1]
+    assert graphs["graphs"] > 0 and eager["graphs"] == 0
+    assert graphs["vs_eager"] == pytest.approx(graphs["images_per_s"] / eager["images_per_s"])
+    assert graphs["kv_bytes"] == eager["kv_bytes"] > 0  # the same cache shape either way
+    assert graphs["floor_ms"] == pytest.approx((graphs["weight_bytes"] + graphs["kv_bytes"]) / 20e9 * 1e3)
+    assert rows[3]["speedup_vs_raster"] == pytest.approx(rows[3]["images_per_s"] / graphs["images_per_s"])
+    assert all(not getattr(r, "_steps", {}) for r in made)  # every runner reset after its measurement
+    assert "cuda-graphs (emulated)" in capsys.readouterr().out
+    command = next(line for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("python "))
+    assert "--decode-paths cuda-graphs eager" in command and "--cases raster par-4x" in command  # rebuilt from args
+    assert bench.build_parser().parse_args(shlex.split(command)[2:]) == args
+
+
+def test_bench_sample_weight_bytes_and_bandwidth_table():
+    from bench.bench_sample import largest_batch, peak_bandwidth, weight_bytes
+
+    class Toy(torch.nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.tok = torch.nn.Embedding(100, 8)  # 800 weights: gathered, not read whole
+            self.proj = torch.nn.Linear(8, 8)  # 72
+            self.head = torch.nn.Linear(8, 100, bias=False)  # 800, or the embedding table when tied
+            if tied:
+                self.head.weight = self.tok.weight
+
+    assert weight_bytes(Toy(tied=False)) == (72 + 800) * 4
+    assert weight_bytes(Toy(tied=True)) == (72 + 800) * 4  # the tied table is read whole by the head
+    assert weight_bytes(Toy(tied=False).to(torch.bfloat16)) == (72 + 800) * 2
+
+    names = {"NVIDIA H100 80GB HBM3": 3350, "NVIDIA H100 PCIe": 2000, "NVIDIA H100 NVL": 3900, "NVIDIA H200": 4800,
+             "NVIDIA A100-SXM4-80GB": 2039, "NVIDIA A100 80GB PCIe": 1935, "NVIDIA A100-PCIE-40GB": 1555,
+             "NVIDIA A100-SXM4-40GB": 1555, "NVIDIA L40S": 864, "NVIDIA L4": 300, "NVIDIA A10": 600,
+             "NVIDIA A10G": 600, "NVIDIA GeForce RTX 4090": 1008}
+    assert {n: peak_bandwidth(n)[0] for n in names} == names
+    assert peak_bandwidth("NVIDIA GH200 480GB") is None and peak_bandwidth("NVIDIA L40") is None
+
+    fits = lambda b: {"batch": b} if b <= 40 else None  # noqa: E731
+    assert largest_batch(fits, 4, {"batch": 4}, 2048) == (32, {"batch": 32})  # 64 does not fit
+    assert largest_batch(fits, 4, {"batch": 4}, 16) == (16, {"batch": 16})  # --max-batch
+    assert largest_batch(fits, 64, {"batch": 64}, 2048) == (64, {"batch": 64})
 
 
 def test_bench_eval_runs():

@@ -51,7 +51,10 @@ def main(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
-    print(f"{len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s); grid saved to {out}")
+    path = sampler.strategy.runner.name
+    note = "" if path == "eager" else ", including compiling and capturing the steps"
+    print(f"{len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, decode path {path}{note}); "
+          f"grid saved to {out}")
     return out
 
 

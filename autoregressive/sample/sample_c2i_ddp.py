@@ -85,7 +85,8 @@ def main(args: argparse.Namespace) -> Path:
     done = finished_shards(folder)
     mine = [b for b in range(rank, num_batches, world) if b * bs not in done]
     logger.info(f"{total} images ({args.labels} labels), {num_batches} batches of {bs}; "
-                f"{len(done)} already done, {len(mine)} for rank 0 now")
+                f"{len(done)} already done, {len(mine)} for rank 0 now; decode path {sampler.strategy.runner.name} "
+                f"(the first batch of each size compiles and captures its steps)")
 
     # Sample ---------------------------------------------------------------------------------
     t0, made = time.perf_counter(), 0
