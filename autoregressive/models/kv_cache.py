@@ -2,7 +2,7 @@
 
 One object per generation call, allocated once (`KVCache(...)` or `Transformer.new_cache(...)`)
 and passed explicitly to `prefill` / `decode_step`; it is never attached to a model. Every layer
-owns a slice `(B, H_kv, L, hd)` of two tensors `(n_layer, B, H_kv, L, hd)`. A step writes the keys
+owns two tensors (keys, values) of shape `(B, H_kv, L, hd)`. A step writes the keys
 and values of its G new elements at G cache slots (an indexed write, no `torch.cat`), so a step may
 carry one token (raster), a group of tokens (PAR, LPD) or tokens for arbitrary grid cells (ARPG:
 the slot is the generation step, the 2-D position travels separately in the RoPE rows). Shapes
@@ -49,23 +49,24 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device | str):
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._layers = [LayerKVCache(self.k[i], self.v[i]) for i in range(n_layer)]
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        # One tensor per layer, not views of one: a compiled step then sees inputs that do not
+        # alias each other, and writes each layer's slots in place.
+        self._layers = [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                                     torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self._layers[0].k.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self._layers[0].k.shape[2]
 
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values together (what attention reads per step: every slot, masked)."""
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(2 * c.k.numel() * c.k.element_size() for c in self._layers)
 
     def layer(self, i: int) -> LayerKVCache:
         return self._layers[i]
