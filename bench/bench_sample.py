@@ -25,8 +25,9 @@ batch; `vs raster` is over `raster`'s at the same path and batch.
 
 Bandwidth floor: a step cannot take less than (weight bytes + KV-cache bytes) / peak bandwidth.
 A step reads every parameter once except the `nn.Embedding` tables (it gathers a few rows of
-those), and the whole preallocated KV cache (`runner.cache_bytes`, keys and values): our
-static-shape attention reads every slot under a mask, written or not. `x floor` is the measured
+those), and the KV cache prefix it attends over (`runner.kv_bytes_per_step`, keys and values,
+averaged over the steps): the slots written so far, rounded up to one of a few lengths
+(`models/kv_cache.py:visible_slots`) so that a step has few shapes. `x floor` is the measured
 ms/step over that floor. The peak bandwidth is `--bandwidth-gbps`, else the vendor figure for the
 CUDA device's name (`BANDWIDTH_GBPS`); the floor columns are n/a when neither is known (CPU
 without the flag, an unlisted GPU). The header prints the bandwidth assumed and where it came from.
@@ -274,7 +275,7 @@ def timed(strategy, run, path: str, batch: int, args: argparse.Namespace, device
     result = None
     try:
         result = measure(run, batch, args, device, warmup)
-        result["kv_bytes"] = strategy.runner.cache_bytes  # the whole cache generate used
+        result["kv_bytes"] = strategy.runner.kv_bytes_per_step  # the cache prefixes the steps read
         result["graphs"] = getattr(strategy.runner, "captures", 0)  # graphs the path captured
     except RuntimeError as e:
         if not is_oom(e):
@@ -342,9 +343,8 @@ def console_line(values: list[str]) -> str:
 def legend(args: argparse.Namespace, find_max: bool) -> list[str]:
     lines = ["baselines: 'raster' (the same size class, KV cache) and 'raster-naive' (no KV cache, eager), "
              "measured above in this run",
-             "floor ms/step: (parameter bytes read per step, nn.Embedding tables excluded, + the whole "
-             "preallocated KV cache, every slot of which the static-shape attention reads under a mask) "
-             "/ peak bandwidth; x floor = ms/step / floor",
+             "floor ms/step: (parameter bytes read per step, nn.Embedding tables excluded, + the KV cache "
+             "prefix a step attends over, mean over the steps) / peak bandwidth; x floor = ms/step / floor",
              "vs eager: images/s over the eager path's at the same case and batch; vs raster: over "
              "raster's at the same path and batch"]
     if find_max:

@@ -110,7 +110,7 @@ def test_bench_sample_every_path_beside_eager(monkeypatch, capsys, tmp_path):
     eager, graphs = rows[0], rows[1]
     assert graphs["graphs"] > 0 and eager["graphs"] == 0
     assert graphs["vs_eager"] == pytest.approx(graphs["images_per_s"] / eager["images_per_s"])
-    assert graphs["kv_bytes"] == eager["kv_bytes"] > 0  # the same cache shape either way
+    assert graphs["kv_bytes"] == eager["kv_bytes"] > 0  # the same cache prefixes either way
     assert graphs["floor_ms"] == pytest.approx((graphs["weight_bytes"] + graphs["kv_bytes"]) / 20e9 * 1e3)
     assert rows[3]["speedup_vs_raster"] == pytest.approx(rows[3]["images_per_s"] / graphs["images_per_s"])
     assert all(not getattr(r, "_steps", {}) for r in made)  # every runner reset after its measurement

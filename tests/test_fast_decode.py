@@ -11,6 +11,7 @@ backend and `fullgraph=True`, which fails on any graph break.
 from __future__ import annotations
 
 import argparse
+import shutil
 
 import pytest
 import torch
@@ -92,6 +93,16 @@ def test_compiled_steps_trace_without_graph_breaks(method):
                                 calls=CALLS)
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="inductor on CPU compiles C++ and no C++ compiler is installed")
+def test_inductor_compiled_steps_give_the_eager_tokens():
+    """The real backend on CPU (about 20 s for LPD; every strategy was checked the same way by
+    hand, 30-60 s each): inductor's kernels write the cache prefixes in place and give the
+    eager tokens exactly in float32."""
+    torch._dynamo.reset()
+    assert_same_tokens_as_eager("lpd", GraphedSteps(compile=True, emulate=True, compile_backend="inductor"))
+
+
 def test_edit_through_emulated_graphs():
     """Editing (known tokens as context) runs through the runner too and matches eager."""
     strategy, model, num_classes = fixture_model("lpd")
@@ -121,6 +132,28 @@ def test_recorded_logits_are_copies_not_the_replayed_buffer():
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_steps_read_a_prefix_of_the_cache():
+    """A step attends over the slots written so far, rounded up to one of a few lengths; the prefix
+    is a view (writes land in the cache) and the same object each time (a graph may keep it)."""
+    from autoregressive.models.kv_cache import KVCache, visible_slots
+
+    assert [visible_slots(w, 257) for w in (1, 33, 34, 256, 257)] == [33, 33, 66, 257, 257]
+    assert [visible_slots(w, 16) for w in (1, 2, 3, 15, 16)] == [2, 2, 4, 16, 16]
+    with pytest.raises(ValueError):
+        visible_slots(0, 16)
+    cache = KVCache(2, 3, 2, 16, 4, dtype=torch.float32, device="cpu")
+    view = cache.upto(5)
+    assert view.max_len == 6 and view is cache.upto(6) and cache.upto(16) is cache
+    view.layer(1).update(torch.tensor([5]), torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4))
+    assert cache.layer(1).k[:, :, 5].eq(1).all() and cache.layer(1).k.sum() == 3 * 2 * 4
+
+    strategy, model, num_classes = fixture_model("raster")
+    generate(strategy, model, num_classes, 2, True, 0)
+    full = model.new_cache(4, max_len=model.config.block_size).nbytes  # slots: class + N - 1 tokens
+    assert strategy.runner.steps_run == model.config.block_size
+    assert 0.5 * full < strategy.runner.kv_bytes_per_step < full  # about half the cache on average
 
 
 def test_runner_refuses_a_closure():

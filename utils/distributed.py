@@ -100,5 +100,8 @@ def all_gather_object(obj) -> list:
 
 
 def cleanup() -> None:
+    """Leave the process group once every rank has got here: a rank that tears the group down
+    while another still talks to it can abort the other's gloo threads at exit."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()

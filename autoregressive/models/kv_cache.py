@@ -1,13 +1,15 @@
 """A key/value cache preallocated for the whole sequence and written in place.
 
-One object per generation call, allocated once (`KVCache(...)` or `Transformer.new_cache(...)`)
-and passed explicitly to `prefill` / `decode_step`; it is never attached to a model. Every layer
-owns two tensors (keys, values) of shape `(B, H_kv, L, hd)`. A step writes the keys
-and values of its G new elements at G cache slots (an indexed write, no `torch.cat`), so a step may
-carry one token (raster), a group of tokens (PAR, LPD) or tokens for arbitrary grid cells (ARPG:
-the slot is the generation step, the 2-D position travels separately in the RoPE rows). Shapes
-stay static from step to step: attention always reads the full length L and a boolean mask hides
-the slots that are not visible yet (CUDA-graph friendly, as in the official `setup_caches`).
+Allocated once per generation call (`KVCache(...)` or `Transformer.new_cache(...)`; the fast
+decoding path keeps it across calls) and passed explicitly to `prefill` / `decode_step`; it is
+never attached to a model. Every layer owns two tensors (keys, values) of shape `(B, H_kv, L, hd)`.
+A step writes the keys and values of its G new elements at G cache slots (an indexed write, no
+`torch.cat`), so a step may carry one token (raster), a group of tokens (PAR, LPD) or tokens for
+arbitrary grid cells (ARPG: the slot is the generation step, the 2-D position travels separately in
+the RoPE rows). A step attends over a prefix of the cache, `cache.upto(written)`: the slots written
+so far rounded up to one of a few lengths, with a boolean mask over that prefix hiding what it may
+not see. Shapes stay static within a bucket (CUDA-graph friendly, as in the official
+`setup_caches`), and early steps do not read the empty end of the cache.
 """
 from __future__ import annotations
 
@@ -36,6 +38,21 @@ class LayerKVCache:
         return k_all, v_all
 
 
+#: Lengths a step's attention may read: the written slots rounded up to one of this many prefixes.
+VISIBLE_BUCKETS = 8
+
+
+def visible_slots(written: int, max_len: int, buckets: int = VISIBLE_BUCKETS) -> int:
+    """The leading slots a step reads once `written` slots hold keys: `written` rounded up to a
+    multiple of ceil(max_len / buckets), at most max_len. Reading a prefix instead of the whole
+    cache saves bandwidth early in the sequence; the few lengths keep the number of distinct step
+    shapes (one CUDA graph each) small."""
+    if not 0 < written <= max_len:
+        raise ValueError(f"{written} written slots for a cache of {max_len}")
+    step = -(-max_len // buckets)
+    return min(max_len, -(-written // step) * step)
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_len` sequence slots and `batch_size` rows.
 
@@ -54,6 +71,22 @@ class KVCache:
         # alias each other, and writes each layer's slots in place.
         self._layers = [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
                                      torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)]
+        self._prefixes: dict[int, KVCache] = {}
+
+    def upto(self, written: int) -> "KVCache":
+        """This cache as a step sees it once `written` slots are filled: its first
+        `visible_slots(written, max_len)` slots, a cache of that length whose tensors are views of
+        these (writes land here). Masks built from its `max_len` are as wide. The same object is
+        returned for the same length, so a captured step that keeps it stays valid."""
+        n = visible_slots(written, self.max_len)
+        if n == self.max_len:
+            return self
+        if n not in self._prefixes:
+            view = KVCache.__new__(KVCache)
+            view._layers = [LayerKVCache(c.k[:, :, :n], c.v[:, :, :n]) for c in self._layers]
+            view._prefixes = {}
+            self._prefixes[n] = view
+        return self._prefixes[n]
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +98,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of keys and values together (what attention reads per step: every slot, masked)."""
+        """Bytes of keys and values together (what a step attending over this cache reads)."""
         return sum(2 * c.k.numel() * c.k.element_size() for c in self._layers)
 
     def layer(self, i: int) -> LayerKVCache:

@@ -321,7 +321,7 @@ class VAR(nn.Module):
         begin, end = self.begin_ends[si]
         h, cond = self._embed(labels, x, begin, end)  # (B, G, C)
         pos = torch.arange(begin, end, device=h.device)
-        mask = self.attn_bias_for_masking[:, :, begin:end]  # (1, 1, G, L)
+        mask = self.attn_bias_for_masking[:, :, begin:end, :cache.max_len]  # (1, 1, G, L'): L' = the slots read
         return self._blocks_and_head(h, cond, mask, cache, pos)
 
     # -- init -----------------------------------------------------------------------------------

@@ -41,18 +41,27 @@ class StepRunner:
     name = "eager"
 
     def __init__(self) -> None:
-        self.cache_bytes = 0  # size of the last cache handed out (bench: KV bytes per step)
+        self.steps_run = 0
+        self.kv_bytes_read = 0  # keys and values of the cache prefixes the steps attended over
+
+    @property
+    def kv_bytes_per_step(self) -> float:
+        """Mean bytes of KV cache a step reads (the bench's bandwidth floor)."""
+        return self.kv_bytes_read / max(self.steps_run, 1)
 
     def cache(self, model: nn.Module, rows: int, max_len: int | None = None) -> KVCache:
         """A KV cache of `rows` batch rows and `max_len` slots (None: the model's default)."""
-        cache = model.new_cache(rows, max_len=max_len)
-        self.cache_bytes = cache.nbytes
-        return cache
+        return model.new_cache(rows, max_len=max_len)
 
     def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         """Run one decoding step: `fn(*args)`. The returned logits are only valid until the next
         call (a replayed graph writes the next step's logits into the same buffer)."""
+        self._count(args)
         return fn(*args)
+
+    def _count(self, args: tuple) -> None:
+        self.steps_run += 1
+        self.kv_bytes_read += sum(a.nbytes for a in args if isinstance(a, KVCache))
 
     def reset(self) -> None:
         """Drop every persistent cache and captured graph (e.g. before measuring a new model)."""
@@ -134,11 +143,10 @@ class GraphedSteps(StepRunner):
         key = (id(model), rows, max_len, next(model.parameters()).dtype)
         if key not in self._caches:  # the model is kept with its cache, so its id is not reused
             self._caches[key] = (model, model.new_cache(rows, max_len=max_len))
-        cache = self._caches[key][1]
-        self.cache_bytes = cache.nbytes
-        return cache
+        return self._caches[key][1]
 
     def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        self._count(args)
         ident = _step_identity(fn)
         key = (ident, tuple(_arg_key(a) for a in args))
         step = self._steps.get(key)

@@ -177,7 +177,7 @@ class ArpgStrategy(RasterStrategy):
             ids, rows = (first_ids, first_rows) if g == 0 else (prev, prev_pos + 1)
             slots = torch.arange(filled[0], filled[0] + ids.shape[1], device=device)
             filled[0] += ids.shape[1]
-            return run(model.decode_step, ids, rows, next_pos + 1, cache, slots)  # (B', G, V)
+            return run(model.decode_step, ids, rows, next_pos + 1, cache.upto(filled[0]), slots)  # (B', G, V)
 
         tokens = decode_in_groups(step, order, sizes, b, cfg_scale=cfg_scale,
                                   cfg_scale_at=lambda g, pos, idx: scales[g], temperature=temperature,

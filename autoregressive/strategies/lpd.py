@@ -275,7 +275,9 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
         x_prev = first if g == 0 else model.embed_tokens(prev, prev_pos)  # (B', P, D)
         x = torch.cat([x_prev, model.embed_queries(next_pos, b * reps)], dim=1)  # (B', P + G, D)
         slots = torch.arange(bounds[g], bounds[g + 2], device=device)
-        logits = run(model.decode_step, x, cache, slots, mask[slots], next_pos.shape[-1])  # (B', G, V)
+        seen = cache.upto(bounds[g + 2])  # the slots written so far (a prefix of the cache)
+        logits = run(model.decode_step, x, seen, slots, mask[slots, :seen.max_len],
+                     next_pos.shape[-1])  # (B', G, V)
         if record_head is not None:
             record_head.append(logits.clone())  # a replayed graph reuses its output buffer
         return logits

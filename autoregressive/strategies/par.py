@@ -128,15 +128,20 @@ class ParStrategy(RasterStrategy):
         cond = cfg_labels(labels, model.num_classes, cfg_scale)  # (B' = 2B with CFG, else B)
         run = self.runner
         cache = run.cache(model, cond.shape[0])
+        written = [0]  # slots filled so far: the sequence [class, zp_0..zp_{n-1}, M, zp_n, ...] in order
 
         def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None,
                  next_pos: torch.Tensor) -> torch.Tensor:
             if g == 0:
-                return run(model.prefill, cond, cache)  # (B', 1, V) -> zp_0
+                written[0] = model.cls_token_num
+                return run(model.prefill, cond, cache.upto(written[0]))  # (B', 1, V) -> zp_0
             if g == n:
-                return run(model.decode_transition, prev, cache)  # [zp_{n-1}, M] -> (B', n, V) group 1
+                written[0] += 1 + model.spe_token_num
+                # [zp_{n-1}, M] -> (B', n, V) group 1
+                return run(model.decode_transition, prev, cache.upto(written[0]))
             # The previous token (g < n) or group at its slots -> the next token or group.
-            return run(model.decode_step, prev, cache, model.slot_of_cell[prev_pos])  # (B', G, V)
+            written[0] += prev.shape[1]
+            return run(model.decode_step, prev, cache.upto(written[0]), model.slot_of_cell[prev_pos])  # (B', G, V)
 
         def cfg_scale_at(g: int, pos: torch.Tensor, idx: torch.Tensor) -> float | None:
             return cfg_scale if self.cfg_step_guided(g, n, cfg_interval) else None

@@ -101,9 +101,11 @@ class RasterStrategy(Strategy):
 
         def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None,
                  pos: torch.Tensor) -> torch.Tensor:
+            # Step g writes slot cls - 1 + g (z_{g-1}) and reads the slots written so far.
             if prev is None:
-                return run(model.prefill, cond, cache)[:, -1:]  # (B', 1, V)
-            return run(model.decode_step, prev, cache, prev_pos + model.cls_token_num)  # (B', 1, V)
+                return run(model.prefill, cond, cache.upto(model.cls_token_num))[:, -1:]  # (B', 1, V)
+            return run(model.decode_step, prev, cache.upto(model.cls_token_num + g),
+                       prev_pos + model.cls_token_num)  # (B', 1, V)
 
         recorded: list | None = [] if record_logits is not None else None
         tokens = decode_in_groups(
