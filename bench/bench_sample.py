@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
 import re
 import resource
 import shlex
@@ -65,6 +64,7 @@ from autoregressive.sample.logits import cfg_labels, combine_cfg, sample_from_lo
 from autoregressive.sample.row_rng import RowRNG  # noqa: E402
 from autoregressive.sample.shards import image_seeds  # noqa: E402
 from autoregressive.strategies import STRATEGIES, add_strategy_arguments, get_strategy  # noqa: E402
+from utils.checkpoint import atomic_write  # noqa: E402
 
 
 @dataclass
@@ -380,9 +380,7 @@ def write_results(path: str, rows: list[dict], args: argparse.Namespace, argv: l
                *[f"- {line}" for line in legend(args, find_max)], ""]
     old = Path(path).read_text() if Path(path).exists() else ""
     text = old + ("\n" if old and not old.endswith("\n\n") else "") + "\n".join(section)
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def bench_case(case: Case, args: argparse.Namespace, device: torch.device, paths: list[str],

@@ -35,6 +35,7 @@ from autoregressive.sample.logits import Generator
 from autoregressive.sample.lpd_order import GROUP_SIZES_LOOKUP, OFFICIAL_REPULSION, lookup_group_sizes, orders_for_seeds
 from autoregressive.sample.row_rng import RowRNG
 from autoregressive.sample.schedules import check_group_sizes, check_steps, group_sizes, schedule_names
+from utils.checkpoint import atomic_write
 
 ORDERS = ("raster", "random", "lpd")  # or the path of an order file
 STEP_SCHEDULES = (*schedule_names(), "lpd")
@@ -121,21 +122,20 @@ def save_orders(path: str | os.PathLike, orders: np.ndarray, grid_size: int, gro
     (R, N) non-negative integers are formatted by table lookup in blocks (`_order_rows_json`):
     50k orders of 1024 cells take about a second instead of ten.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     orders = np.asarray(orders)
     if orders.ndim != 2 or orders.shape[1] == 0 or orders.dtype.kind not in "iu" or (orders.size and orders.min() < 0):
         raise ValueError(f"orders must be a (R, N >= 1) array of non-negative integers, got {orders.dtype} {orders.shape}")
     head = json.dumps({"grid_size": grid_size, "group_sizes": [int(g) for g in group_sizes], **settings},
                       separators=(",", ":"))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f) -> None:
         f.write(head[:-1].encode() + b',"orders":[')  # "orders" is the last key, as in the dict above
         for start in range(0, len(orders), 1024):
             rows = _order_rows_json(orders[start:start + 1024])
             f.write(rows if start + 1024 < len(orders) else rows[:-1])  # no comma after the last row
         f.write(b"]}")
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def _order_rows_json(block: np.ndarray) -> bytes:

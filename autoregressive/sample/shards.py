@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.checkpoint import save_json, save_npz
+from utils.checkpoint import atomic_write, save_json, save_npz
 
 
 def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +84,7 @@ def write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        path = folder / f"{start + i:06d}.png"
-        tmp = path.with_suffix(".png.tmp")
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write(folder / f"{start + i:06d}.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
 
 
 def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
