@@ -26,12 +26,13 @@ RoPE *rows* index the table: row 0 = class token (zeros), row 1 + p = grid cell 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoregressive.models.gpt import official_c2i_kwargs
 from autoregressive.models.kv_cache import KVCache, LayerKVCache
 from autoregressive.models.layers import (FeedForward, Float32RopeBuffer, RMSNorm, apply_rotary_emb,
                                          precompute_freqs_cis_2d)
@@ -67,14 +68,7 @@ class ARPGConfig:
     @classmethod
     def from_official(cls, config: dict) -> "ARPGConfig":
         """From an official `ModelArgs` dict (e.g. a golden fixture's `config`)."""
-        config = dict(config)
-        model_type = config.pop("model_type", "c2i")
-        if model_type != "c2i":
-            raise ValueError(f"only class-conditional (c2i) ARPG models are supported, got {model_type!r}")
-        unknown = sorted(set(config) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ARPG config keys: {unknown}")
-        return cls(**config)
+        return cls(**official_c2i_kwargs(cls, config, "ARPG"))
 
     @property
     def grid_size(self) -> int:

@@ -54,21 +54,26 @@ class GPTConfig:
     @classmethod
     def from_official(cls, config: dict) -> "GPTConfig":
         """From an official `dataclasses.asdict(ModelArgs)` (e.g. a golden fixture's `config`)."""
-        config = dict(config)
-        model_type = config.pop("model_type", "c2i")
-        if model_type != "c2i":
-            raise ValueError(f"only class-conditional (c2i) GPTs are supported, got model_type {model_type!r}")
-        for k in cls._UNUSED_OFFICIAL:
-            config.pop(k, None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown GPT config keys: {unknown}")
-        return cls(**config)
+        return cls(**official_c2i_kwargs(cls, config, "GPT", cls._UNUSED_OFFICIAL))
 
     @property
     def grid_size(self) -> int:
         return math.isqrt(self.block_size)
+
+
+def official_c2i_kwargs(config_cls: type, config: dict, what: str, unused: tuple[str, ...] = ()) -> dict:
+    """The fields of a config dataclass from an official `ModelArgs` dict: a c2i `model_type` is
+    required, the `unused` keys are dropped, any other unknown key is an error."""
+    config = dict(config)
+    model_type = config.pop("model_type", "c2i")
+    if model_type != "c2i":
+        raise ValueError(f"only class-conditional (c2i) {what} models are supported, got model_type {model_type!r}")
+    for k in unused:
+        config.pop(k, None)
+    unknown = sorted(set(config) - {f.name for f in fields(config_cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {unknown}")
+    return config
 
 
 class LabelEmbedder(nn.Module):
