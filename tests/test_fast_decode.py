@@ -203,22 +203,6 @@ def test_gpu_fast_path_gives_the_eager_float32_tokens(method, path):
     assert_same_tokens_as_eager(method, make_runner(path, "cuda"), device="cuda")
 
 
-class ForcedTokens:
-    """A row sampler that feeds given tokens (B, N) back, G per step, and records the argmax of
-    each distribution it was asked to draw from: the greedy choice under the reference prefix."""
-
-    def __init__(self, tokens: torch.Tensor):
-        self.tokens, self.start, self.argmax = tokens, 0, []
-
-    def multinomial(self, probs: torch.Tensor) -> torch.Tensor:  # probs (B * G, V)
-        b = self.tokens.shape[0]
-        g = probs.shape[0] // b
-        self.argmax.append(probs.argmax(-1).reshape(b, g))
-        out = self.tokens[:, self.start:self.start + g].reshape(-1, 1)
-        self.start += g
-        return out
-
-
 @needs_cuda
 def test_gpu_bf16_fast_path_agrees_with_eager_bf16_at_a_released_size():
     """GPT-L (343M) with random weights, CFG 4: under the eager path's greedy tokens as the prefix,
@@ -226,6 +210,7 @@ def test_gpu_bf16_fast_path_agrees_with_eager_bf16_at_a_released_size():
     flip does not change every later raster token). bf16 against float32 is a property of the
     precision, not of the path: with random weights it agrees on about 97% (measured on CPU)."""
     from autoregressive.models.gpt import build_gpt
+    from tests.test_parity_arpg import Replay  # feeds given tokens back, recording each distribution
 
     torch.manual_seed(0)
     model = build_gpt("GPT-L", vocab_size=16384, block_size=256, num_classes=1000)
@@ -234,12 +219,11 @@ def test_gpu_bf16_fast_path_agrees_with_eager_bf16_at_a_released_size():
     strategy = get_strategy("raster")
     labels = torch.arange(8, device="cuda") * 97 % 1000
     want = strategy.generate(model, labels, cfg_scale=4.0, temperature=0.0)
-    forced = ForcedTokens(want)
-    assert torch.equal(strategy.generate(model, labels, cfg_scale=4.0, generator=forced), want)
+    assert torch.equal(strategy.generate(model, labels, cfg_scale=4.0, generator=Replay(want)), want)
     strategy.runner = make_runner("compiled", "cuda")
-    forced = ForcedTokens(want)
+    forced = Replay(want)  # the eager tokens as the prefix; the argmax of each step's distribution
     strategy.generate(model, labels, cfg_scale=4.0, generator=forced)
-    agree = (torch.cat(forced.argmax, dim=1) == want).float().mean().item()
+    agree = (torch.cat([p.argmax(-1) for p in forced.probs], dim=1) == want).float().mean().item()
     assert agree >= 0.99, f"the compiled bf16 path picks the eager bf16 argmax on {agree:.1%} of tokens"
 
 
