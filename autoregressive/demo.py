@@ -115,7 +115,7 @@ def train_compute(run: dict, epochs: int) -> float:
     if run["strategy"] != "npp":
         return 1.0
     from autoregressive.train import train_c2i
-    from autoregressive.train.npp_schedule import patch_schedule, training_flops_fraction
+    from autoregressive.strategies.npp_schedule import patch_schedule, training_flops_fraction
     flags = train_c2i.build_parser().parse_args(["--code-path", "-", *run["train_flags"]])  # NPP's own defaults
     return training_flops_fraction(patch_schedule(flags.patch_level, epochs, flags.epoch_rate))
 
@@ -222,7 +222,7 @@ def stage_tokenizer(out: Path, args, logger, kind: str = "vq"):
 
 def stage_reconstruction(out: Path, vq_ckpt: Path, clf, device, logger):
     from autoregressive.sample.sample_c2i import make_grid
-    from autoregressive.sample.shards import to_uint8
+    from utils.shards import to_uint8
     from dataset.digits import as_tensor_batch
     from evaluations.digits_classifier import accuracy
     from tokenizer.loading import load_vq
@@ -306,7 +306,8 @@ def stage_gpt(out: Path, run: dict, code_path: Path, vq_ckpt: Path, args, logger
 
 def stage_sample(out: Path, run: dict, gpt_ckpt: Path, vq_ckpt: Path, args, logger):
     from autoregressive.sample.common import add_sampling_args, load_sampler
-    from autoregressive.sample.shards import image_seeds, to_uint8
+    from autoregressive.decoding.row_rng import image_seeds
+    from utils.shards import to_uint8
     from utils.checkpoint import save_npz
 
     name, settings = run["label"], run
@@ -409,7 +410,7 @@ def write_table(out: Path, rows: list[dict], real_row: dict, recon: dict, clf_ac
               f"samples and for the 359 held-out real digits, computed with the evaluator's statistics code "
               f"(`evaluations/c2i/statistics.py`). Not comparable with any published FID.", "",
               "\\*\\* Training FLOPs relative to next-token training over the same epochs (NPP trains the "
-              "first stages on patches, `autoregressive/train/npp_schedule.py:training_flops_fraction`).", ""]
+              "first stages on patches, `autoregressive/strategies/npp_schedule.py:training_flops_fraction`).", ""]
     (out / "results.md").write_text("\n".join(lines))
 
 

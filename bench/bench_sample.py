@@ -16,7 +16,7 @@ at every step. Two baselines are measured in the same run: `raster` decoding of 
 class (what every paper compares with) and `raster-naive`, the same model without a KV cache
 (every step re-runs the whole prefix, eager only), which shows what the cache buys.
 
-Decoding paths (`--decode-paths`, `autoregressive/sample/fast_decode.py`): every case is measured
+Decoding paths (`--decode-paths`, `autoregressive/decoding/fast_decode.py`): every case is measured
 under each path in the same run, each measurement with a fresh runner whose caches and graphs are
 freed afterwards. `auto` is `compiled` on CUDA and `eager` on CPU, so on CPU each distinct path is
 measured once; the graph paths need CUDA. A graph path gets at least one warmup call (it compiles
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import re
 import resource
 import shlex
@@ -59,10 +60,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoregressive.sample.fast_decode import DECODE_PATHS, make_runner  # noqa: E402
-from autoregressive.sample.logits import cfg_labels, combine_cfg, sample_from_logits  # noqa: E402
-from autoregressive.sample.row_rng import RowRNG  # noqa: E402
-from autoregressive.sample.shards import image_seeds  # noqa: E402
+from autoregressive.decoding.fast_decode import DECODE_PATHS, make_runner  # noqa: E402
+from autoregressive.decoding.logits import cfg_labels, combine_cfg, sample_from_logits  # noqa: E402
+from autoregressive.decoding.row_rng import RowRNG, image_seeds  # noqa: E402
 from autoregressive.strategies import STRATEGIES, add_strategy_arguments, get_strategy  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 
@@ -265,7 +265,13 @@ def measure(run, batch: int, args: argparse.Namespace, device: torch.device, war
     assert tokens.shape[0] == batch
     mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss0)
     return {"seconds": seconds, "images_per_s": batch / seconds, "latency_per_image": seconds / batch,
-            "peak_mem_mb": mem}
+            "peak_mem_mb": mem, "tokens_sha": tokens_digest(tokens)}
+
+
+def tokens_digest(tokens: torch.Tensor) -> str:
+    """The first 10 hex digits of the sha256 of the last call's token ids (int64, row-major): equal
+    digits across runs, paths or code versions mean the same tokens (the weights are seeded)."""
+    return hashlib.sha256(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()[:10]
 
 
 def timed(strategy, run, path: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict | None:
@@ -314,7 +320,7 @@ def make_row(case: Case, model_name: str, path: str, batch: int, steps: int, r: 
 def columns(device: torch.device) -> list[str]:
     mem = "peak MiB" if device.type == "cuda" else "peak RSS +MiB"
     return ["case", "model", "path", "batch", "steps", "images/s", "s/image", "ms/step", mem,
-            "floor ms/step", "x floor", "vs eager", "vs raster"]
+            "floor ms/step", "x floor", "vs eager", "vs raster", "tokens sha256"]
 
 
 def cells(row: dict) -> list[str]:
@@ -330,10 +336,10 @@ def cells(row: dict) -> list[str]:
             str(row["steps"]), f"{row['images_per_s']:.2f}", f"{row['latency_per_image']:.4g}",
             f"{row['ms_per_step']:.4g}", f"{row['peak_mem_mb']:.1f}", num(row["floor_ms"], ".3g"),
             num(x, ".1f" if x is not None and x < 100 else ".0f"), times(row["vs_eager"]),
-            times(row["speedup_vs_raster"])]
+            times(row["speedup_vs_raster"]), row["tokens_sha"]]
 
 
-WIDTHS = [14, 10, 11, 6, 5, 10, 9, 9, 13, 13, 8, 8, 9]
+WIDTHS = [14, 10, 11, 6, 5, 10, 9, 9, 13, 13, 8, 8, 9, 13]
 
 
 def console_line(values: list[str]) -> str:
@@ -346,7 +352,9 @@ def legend(args: argparse.Namespace, find_max: bool) -> list[str]:
              "floor ms/step: (parameter bytes read per step, nn.Embedding tables excluded, + the KV cache "
              "prefix a step attends over, mean over the steps) / peak bandwidth; x floor = ms/step / floor",
              "vs eager: images/s over the eager path's at the same case and batch; vs raster: over "
-             "raster's at the same path and batch"]
+             "raster's at the same path and batch",
+             "tokens sha256: digest of the last call's token ids (seeded weights and streams): equal digests, "
+             "equal tokens"]
     if find_max:
         lines.append(f"N*: the largest batch that ran, doubling from {max(args.batch_sizes)} until out of "
                      f"memory or --max-batch {args.max_batch}")

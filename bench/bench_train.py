@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoregressive.models.gpt import GPT_SIZES  # noqa: E402
 from autoregressive.strategies import get_strategy  # noqa: E402
-from autoregressive.train.npp_schedule import training_flops_fraction  # noqa: E402
+from autoregressive.strategies.npp_schedule import training_flops_fraction  # noqa: E402
 from utils.training import make_adamw  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167

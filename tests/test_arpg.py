@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from autoregressive.models.arpg import ARPG, ARPG_SIZES, ARPGConfig, build_arpg
-from autoregressive.sample.logits import cfg_labels, sample_from_logits
-from autoregressive.sample.lpd_order import generate_orders
-from autoregressive.sample.orders import random_order, save_orders
-from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.schedules import group_sizes
+from autoregressive.decoding.logits import cfg_labels, sample_from_logits
+from autoregressive.decoding.lpd_order import generate_orders
+from autoregressive.decoding.orders import random_order, save_orders
+from autoregressive.decoding.row_rng import RowRNG
+from autoregressive.decoding.schedules import group_sizes
 from autoregressive.strategies import get_strategy
 from autoregressive.strategies.arpg import ArpgStrategy
 from dataset.codes import CodeDataset

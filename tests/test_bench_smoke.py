@@ -91,7 +91,7 @@ def test_bench_sample_every_path_beside_eager(monkeypatch, capsys, tmp_path):
     """The multi-path loop, on CPU: the graph path is the emulated graph runner (fast_decode's CPU
     stand-in), measured beside eager with its own runner, its caches freed after each measurement."""
     import bench.bench_sample as bench
-    from autoregressive.sample.fast_decode import GraphedSteps, StepRunner
+    from autoregressive.decoding.fast_decode import GraphedSteps, StepRunner
 
     made = []
 

@@ -1,4 +1,4 @@
-"""The fast decoding path (`autoregressive/sample/fast_decode.py`) gives the eager path's tokens.
+"""The fast decoding path (`autoregressive/decoding/fast_decode.py`) gives the eager path's tokens.
 
 On CPU the graph runner is emulated: a step is "captured" once per shape and every later call
 re-runs the function captured first on its static input buffers, which is what a replayed CUDA
@@ -16,8 +16,8 @@ import shutil
 import pytest
 import torch
 
-from autoregressive.sample.fast_decode import GraphedSteps, StepRunner, make_runner
-from autoregressive.sample.row_rng import RowRNG
+from autoregressive.decoding.fast_decode import GraphedSteps, StepRunner, make_runner
+from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.strategies import get_strategy
 from tests.golden import load_fixture, golden_dir
 

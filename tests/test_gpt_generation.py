@@ -8,7 +8,7 @@ import torch
 
 from autoregressive.models.gpt import GPT_SIZES, Transformer, build_gpt, config_dict
 from autoregressive.models.layers import apply_rotary_emb, precompute_freqs_cis_2d
-from autoregressive.sample.logits import cfg_guided, cfg_labels, combine_cfg, sample_from_logits
+from autoregressive.decoding.logits import cfg_guided, cfg_labels, combine_cfg, sample_from_logits
 from autoregressive.strategies import get_strategy, strategy_names
 from utils.checkpoint import CheckpointError, save_checkpoint
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from autoregressive.sample.group_decode import check_schedule, decode_in_groups
+from autoregressive.decoding.group_decode import check_schedule, decode_in_groups
 
 
 def test_check_schedule_refuses_bad_orders():

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from autoregressive.models.lpd import LPD, LPDConfig
-from autoregressive.sample.lpd_order import GROUP_SIZES_LOOKUP, generate_orders, orders_for_seeds, training_group_sizes
-from autoregressive.sample.orders import Schedule, load_orders, save_orders
-from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.schedules import group_sizes
+from autoregressive.decoding.lpd_order import GROUP_SIZES_LOOKUP, generate_orders, orders_for_seeds, training_group_sizes
+from autoregressive.decoding.orders import Schedule, load_orders, save_orders
+from autoregressive.decoding.row_rng import RowRNG
+from autoregressive.decoding.schedules import group_sizes
 from autoregressive.strategies import get_strategy
 from autoregressive.strategies.lpd import LpdStrategy, decode_lpd
 from tests.test_train_c2i import losses, run, train_cmd, write_codes

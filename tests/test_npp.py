@@ -15,7 +15,7 @@ import torch
 
 from autoregressive.models.npp import patchify_embeddings, patchify_targets
 from autoregressive.strategies import get_strategy
-from autoregressive.train.npp_schedule import lr_multiplier, patch_schedule, training_flops_fraction
+from autoregressive.strategies.npp_schedule import lr_multiplier, patch_schedule, training_flops_fraction
 from tests.test_train_c2i import ROOT, kill_after_checkpoint, losses, run, train_cmd, write_codes
 from utils.checkpoint import load_checkpoint
 

@@ -1,4 +1,4 @@
-"""The shared schedule module (`sample/orders.py`): the flags live in the sampling driver once, group
+"""The shared schedule module (`decoding/orders.py`): the flags live in the sampling driver once, group
 sizes resolve the same way for every strategy, orders are drawn per image (or per batch from a
 torch.Generator) for every `--order`, and order files are validated."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from autoregressive.sample.common import add_sampling_args
-from autoregressive.sample.lpd_order import GROUP_SIZES_LOOKUP, generate_orders, orders_for_seeds
-from autoregressive.sample.orders import Schedule, resolve_group_sizes, save_orders
-from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.schedules import group_sizes
+from autoregressive.decoding.lpd_order import GROUP_SIZES_LOOKUP, generate_orders, orders_for_seeds
+from autoregressive.decoding.orders import Schedule, resolve_group_sizes, save_orders
+from autoregressive.decoding.row_rng import RowRNG
+from autoregressive.decoding.schedules import group_sizes
 from autoregressive.strategies import add_strategy_arguments, get_strategy
 
 SHARED = ("--order", "--sample-schedule", "--group-schedule", "--group-sizes", "--proximity-threshold",

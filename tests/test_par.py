@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from autoregressive.models.par import PARTransformer, build_par, par_group_sizes, par_mask, par_order
-from autoregressive.sample.logits import cfg_labels, combine_cfg, sample_from_logits
-from autoregressive.sample.row_rng import RowRNG
+from autoregressive.decoding.logits import cfg_labels, combine_cfg, sample_from_logits
+from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.sample.sample_c2i import build_parser as sample_parser
 from autoregressive.sample.sample_c2i import main as sample_main
 from autoregressive.strategies import get_strategy

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from autoregressive.models.arpg import ARPG, ARPGConfig, build_arpg
-from autoregressive.sample.logits import top_k_top_p_filter
-from autoregressive.sample.schedules import group_sizes, known_before
+from autoregressive.decoding.logits import top_k_top_p_filter
+from autoregressive.decoding.schedules import group_sizes, known_before
 from autoregressive.strategies import get_strategy
 from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case,
                           official_key_files, official_keys)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoregressive.models.gpt import GPTConfig, Transformer, build_gpt
-from autoregressive.sample.logits import sample_from_logits
+from autoregressive.decoding.logits import sample_from_logits
 from autoregressive.strategies import get_strategy
 from tests.golden import (kv_cached_logits, assert_close, assert_official_keys_exact, fixture_cases, get_case,
                           official_key_files, official_keys)

@@ -11,7 +11,7 @@ import torch
 
 from autoregressive.models.lpd import (LPD, LPDConfig, block_causal_mask, build_lpd, group_attention_mask,
                                        interpolate_pos_embed)
-from autoregressive.sample.lpd_order import lookup_group_sizes, lpd_order_schedule
+from autoregressive.decoding.lpd_order import lookup_group_sizes, lpd_order_schedule
 from autoregressive.strategies import get_strategy
 from autoregressive.strategies.lpd import OFFICIAL_MODELS, decode_lpd
 from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case, official_key_files,

@@ -13,7 +13,7 @@ from autoregressive.models.gpt import GPTConfig
 from autoregressive.models.npp import (NppTransformer, coarse_rope_rows, patchify_embeddings,
                                        patchify_targets)
 from autoregressive.strategies import get_strategy
-from autoregressive.train.npp_schedule import lr_multiplier, patch_schedule
+from autoregressive.strategies.npp_schedule import lr_multiplier, patch_schedule
 from tests.golden import (kv_cached_logits, assert_close, assert_official_keys_exact, fixture_cases, get_case,
                           official_key_files, official_keys)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autoregressive.models.par import PARConfig, PARTransformer, build_par, par_group_sizes, par_order
-from autoregressive.sample.logits import sample_from_logits
+from autoregressive.decoding.logits import sample_from_logits
 from autoregressive.strategies import get_strategy
 from autoregressive.strategies.par import ParStrategy
 from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case, golden_dir,

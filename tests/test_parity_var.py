@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoregressive.models.var import VAR, VARConfig, build_var
-from autoregressive.sample.logits import sample_from_logits, top_k_top_p_filter
+from autoregressive.decoding.logits import sample_from_logits, top_k_top_p_filter
 from autoregressive.strategies.var import VarStrategy, draw_labels
 from tests.golden import (assert_close, assert_official_keys_exact, fixture_cases, get_case,
                           official_key_files, official_keys)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.shards import (SettingsMismatch, claim_shard_folder, finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
-                                          write_shard)
+from autoregressive.decoding.row_rng import RowRNG, image_seeds
+from autoregressive.sample.common import sample_plan
+from utils.shards import SettingsMismatch, claim_shard_folder, finished_shards, pack_npz, to_uint8, write_shard
 
 
 def test_plan_is_balanced_and_seeds_are_distinct():

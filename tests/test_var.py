@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from autoregressive.models.var import VAR, build_var
-from autoregressive.sample.logits import combine_cfg
-from autoregressive.sample.row_rng import RowRNG
+from autoregressive.decoding.logits import combine_cfg
+from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.strategies.var import VarStrategy, lr_wd_factors
 from tokenizer.msvq import build_msvq, load_msvq, msvq_checkpoint
 from tokenizer.vq_model import VQ_models

@@ -34,8 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from autoregressive.sample.shards import (SettingsMismatch, claim_shard_folder, finished_shards, shard_path,
-                                          to_uint8)
 from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
@@ -45,6 +43,7 @@ from tokenizer.vq_model import VQ_models
 from utils.checkpoint import save_npz
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
+from utils.shards import SettingsMismatch, claim_shard_folder, finished_shards, shard_path, to_uint8
 
 #################################################################################
 #                                    Helpers                                    #

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from autoregressive.sample.fast_decode import DECODE_PATHS, make_runner
-from autoregressive.sample.orders import add_schedule_arguments
-from autoregressive.sample.row_rng import RowRNG
+from autoregressive.decoding.fast_decode import DECODE_PATHS, make_runner
+from autoregressive.decoding.orders import add_schedule_arguments
+from autoregressive.decoding.row_rng import RowRNG, image_seeds
 from autoregressive.strategies import (Strategy, add_strategy_arguments, get_strategy, model_size_names,
                                       strategy_names)
 from tokenizer.vq_model import VQ_models, VQModel
@@ -58,6 +58,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--global-seed", type=int, default=0, help="seed; each image's seed derives from it and its index")
     s.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     add_strategy_arguments(p)
+
+
+def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (N,), seeds (N,)) for N = num_classes * per_class images.
+
+    Labels are class-balanced and interleaved (index i has class i % num_classes), so any prefix is
+    nearly balanced; each seed is a hash of (global_seed, index), independent of ranks and batches.
+    """
+    n = num_classes * per_class
+    labels = torch.arange(n) % num_classes
+    return labels, image_seeds(global_seed, torch.arange(n))
 
 
 @dataclass

@@ -36,9 +36,10 @@ import torch
 from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
-from autoregressive.sample.row_rng import RowRNG
+from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.sample.sample_c2i import make_grid
-from autoregressive.sample.shards import image_seeds, to_uint8
+from autoregressive.decoding.row_rng import image_seeds
+from utils.shards import to_uint8
 from dataset.transforms import center_crop_arr, to_tensor_normalized
 from utils.distributed import init_distributed
 

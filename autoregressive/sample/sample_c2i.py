@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
-from autoregressive.sample.shards import image_seeds, to_uint8
+from autoregressive.decoding.row_rng import image_seeds
+from utils.shards import to_uint8
 from utils.distributed import init_distributed
 
 

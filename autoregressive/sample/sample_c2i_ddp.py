@@ -27,9 +27,9 @@ if __package__ in (None, ""):
 
 import torch
 
-from autoregressive.sample.common import add_sampling_args, load_sampler
-from autoregressive.sample.shards import (claim_shard_folder, finished_shards, image_seeds, pack_npz, sample_plan, to_uint8,
-                                          write_pngs, write_shard)
+from autoregressive.decoding.row_rng import image_seeds
+from autoregressive.sample.common import add_sampling_args, load_sampler, sample_plan
+from utils.shards import claim_shard_folder, finished_shards, pack_npz, to_uint8, write_pngs, write_shard
 from utils.checkpoint import file_sha256, save_json
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress

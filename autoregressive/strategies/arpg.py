@@ -1,12 +1,12 @@
 """`arpg`: randomized parallel decoding with target-aware queries (arXiv 2503.10568; `specs/arpg.md`).
 
-Schedule (`sample/orders.py`): by default, as officially, `order` = a uniformly random permutation
+Schedule (`decoding/orders.py`): by default, as officially, `order` = a uniformly random permutation
 of the grid and group sizes from the `arccos` step schedule over `--step` steps (64); the shared
 flags choose any other (`--sample-schedule cosine`, `--order lpd | raster | FILE`, `--group-sizes`),
 and the model decodes any of them. Training draws one random order per sample from the driver's
 generator and predicts every token in that order under causal masks (the model does the
 shuffling). Sampling runs the shared KV-cached loop
-`sample/group_decode.py:decode_in_groups`; one step feeds the tokens of the previous group (the
+`decoding/group_decode.py:decode_in_groups`; one step feeds the tokens of the previous group (the
 class token at step 0) and asks one query per target of the next group.
 
 Differences from the official sampler, on purpose (spec section 8, "free to choose"):
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from autoregressive.models.arpg import ARPG, ARPG_SIZES, build_arpg
-from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_labels
-from autoregressive.sample.orders import Schedule, check_known
+from autoregressive.decoding.group_decode import decode_in_groups
+from autoregressive.decoding.logits import Generator, cfg_labels
+from autoregressive.decoding.orders import Schedule, check_known
 from autoregressive.strategies.base import TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
 
@@ -56,7 +56,7 @@ class ArpgStrategy(RasterStrategy):
     # -- flags ------------------------------------------------------------------------------------
 
     def configure(self, args: argparse.Namespace) -> None:
-        """Read the shared schedule flags (`sample/orders.py`: `--order`, `--sample-schedule`,
+        """Read the shared schedule flags (`decoding/orders.py`: `--order`, `--sample-schedule`,
         `--group-sizes`, `--cfg-schedule`, ...); refuse a `--step` above the token count or one the
         schedule cannot serve, and `--cfg-interval` (ARPG has none)."""
         self.schedule = Schedule.from_args(args, order="random", step_schedule="arccos")

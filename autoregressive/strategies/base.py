@@ -2,7 +2,7 @@
 
 A strategy builds and loads its model, turns a batch of codes into one training step's inputs and
 targets, and runs its sampling loop. Training loop, sampling driver, logits processing
-(`autoregressive/sample/logits.py`) and evaluation are shared. Strategies do no argparse, file
+(`autoregressive/decoding/logits.py`) and evaluation are shared. Strategies do no argparse, file
 layout decisions, `torch.distributed` or logging set-up; randomness comes from an explicit
 `torch.Generator`.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from autoregressive.sample.fast_decode import StepRunner
-from autoregressive.sample.logits import Generator, check_cfg_scale
+from autoregressive.decoding.fast_decode import StepRunner
+from autoregressive.decoding.logits import Generator, check_cfg_scale
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Strategy(ABC):
     @property
     def runner(self) -> StepRunner:
         """How `generate` / `edit` run their model steps and get their KV cache
-        (`autoregressive/sample/fast_decode.py`): the eager reference unless a driver set another."""
+        (`autoregressive/decoding/fast_decode.py`): the eager reference unless a driver set another."""
         if "_runner" not in self.__dict__:
             self._runner = StepRunner()
         return self._runner

@@ -1,14 +1,14 @@
 """`lpd`: locality-aware parallel decoding (arXiv 2507.01957; `specs/lpd.md`).
 
-Schedule (`sample/orders.py`, shared with ARPG): by default, as officially, a locality-aware
-order (`sample/lpd_order.py`, generated on the fly from each image's seed; or `--order FILE`) and
+Schedule (`decoding/orders.py`, shared with ARPG): by default, as officially, a locality-aware
+order (`decoding/lpd_order.py`, generated on the fly from each image's seed; or `--order FILE`) and
 the official group-size table for the grid and `--steps` (20 / 32 at 256 px, 48 at 512 px, ...);
 the shared flags choose any other (`--order random | raster`, `--sample-schedule cosine | arccos`
 for grids without a table, `--group-sizes`).
 Training (spec 4.2): one schedule drawn per step from the grid's training list, one uniformly
 random order per sample and label dropout to `fake_latent`, all from the driver's generator; the
 model predicts every token from the position queries of its group (`models/lpd.py`).
-Sampling (spec 3.2 / 6) runs the shared loop `sample/group_decode.py:decode_in_groups`: step g
+Sampling (spec 3.2 / 6) runs the shared loop `decoding/group_decode.py:decode_in_groups`: step g
 feeds the tokens sampled at step g - 1 (the class slot at g = 0) plus the queries of group g,
 under the block-causal mask, with CFG `linear` (scale 1 + (cfg - 1) t / N for the token of order
 index t) or `constant`.
@@ -33,12 +33,12 @@ import torch
 
 from autoregressive.models.lpd import (LPD, LPD_SIZES, block_causal_mask, build_lpd, interpolate_pos_embed)
 from autoregressive.models.official import read_gpt_checkpoint
-from autoregressive.sample.fast_decode import StepRunner
-from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_enabled
-from autoregressive.sample.lpd_order import training_group_sizes
-from autoregressive.sample.orders import CFG_SCHEDULES, Schedule, check_known
-from autoregressive.sample.schedules import check_group_sizes
+from autoregressive.decoding.fast_decode import StepRunner
+from autoregressive.decoding.group_decode import decode_in_groups
+from autoregressive.decoding.logits import Generator, cfg_enabled
+from autoregressive.decoding.lpd_order import training_group_sizes
+from autoregressive.decoding.orders import CFG_SCHEDULES, Schedule, check_known
+from autoregressive.decoding.schedules import check_group_sizes
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from utils.checkpoint import CheckpointError, load_state_dict_strict
 
@@ -88,7 +88,7 @@ class LpdStrategy(Strategy):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        # The sampling schedule flags (--order, --group-sizes, ...) are shared: `sample/orders.py`.
+        # The sampling schedule flags (--order, --group-sizes, ...) are shared: `decoding/orders.py`.
         group.add_argument("--group-sizes-list", type=str, default=None,
                            help="lpd training: JSON file with the schedules one is drawn from per step (official "
                                 "--group_sizes_list); default: the official list of the grid")

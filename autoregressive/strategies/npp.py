@@ -21,7 +21,7 @@ import torch
 from autoregressive.models.npp import NppTransformer, build_npp_gpt, patch_side
 from autoregressive.strategies.base import TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
-from autoregressive.train.npp_schedule import PatchSchedule, lr_multiplier, patch_schedule
+from autoregressive.strategies.npp_schedule import PatchSchedule, lr_multiplier, patch_schedule
 
 
 class NppStrategy(RasterStrategy):

@@ -4,7 +4,7 @@ Schedule: `order` = the PAR order (`models/par.py:par_order`), group sizes `[1] 
 the first token of each of the n regions one by one, then the tokens at the same in-region offset
 in every region in one step (N/n + n - 1 steps: 147 for PAR-4x, 51 for PAR-16x at 24 x 24).
 Training reorders the raster codes into PAR order and predicts them through PAR's sequence and
-mask. Sampling runs the shared KV-cached loop `sample/group_decode.py:decode_in_groups`; this file
+mask. Sampling runs the shared KV-cached loop `decoding/group_decode.py:decode_in_groups`; this file
 only says what one step feeds: the class token, then the previous token, then `[zp_{n-1}, M_1..M_S]`
 (the transition), then the previous group. Flags keep the official names `--spe-token-num` (S)
 and `--ar-token-num` (n): 3 and 4 for PAR-4x, 15 and 16 for PAR-16x.
@@ -19,8 +19,8 @@ import torch
 
 from autoregressive.models.par import (PARTransformer, build_par, check_par_shape, check_par_tokens,
                                        par_group_sizes, par_order)
-from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_labels
+from autoregressive.decoding.group_decode import decode_in_groups
+from autoregressive.decoding.logits import Generator, cfg_labels
 from autoregressive.strategies.base import TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
 

@@ -2,7 +2,7 @@
 
 Schedule: order = identity, group sizes 1 x N. Training shifts the codes by one (the class token
 predicts z_0, z_{t-1} predicts z_t). Sampling follows `specs/llamagen.md` section 7.1 through the
-shared group loop (`autoregressive/sample/group_decode.py`): prefill the class token (both CFG
+shared group loop (`autoregressive/decoding/group_decode.py`): prefill the class token (both CFG
 halves in one batch `[labels ; null]`), then N - 1 decode steps, each feeding the last token to
 both halves; CFG before temperature / top-k / top-p.
 """
@@ -17,8 +17,8 @@ from autoregressive.models.gpt import GPT_SIZES, Transformer, build_gpt
 from autoregressive.models.official import (
     check_args_agree, gpt_kwargs_from_args, load_weights_strict, read_gpt_checkpoint,
 )
-from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_guided, cfg_labels
+from autoregressive.decoding.group_decode import decode_in_groups
+from autoregressive.decoding.logits import Generator, cfg_guided, cfg_labels
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from utils.checkpoint import CheckpointError
 

@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.var import VAR, VAR_SIZES, build_var
-from autoregressive.sample.group_decode import decode_in_groups
-from autoregressive.sample.logits import Generator, cfg_enabled, cfg_labels, top_k_top_p_filter
+from autoregressive.decoding.group_decode import decode_in_groups
+from autoregressive.decoding.logits import Generator, cfg_enabled, cfg_labels, top_k_top_p_filter
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from dataset.codes import CodesError, code_dirs, read_meta
 from tokenizer.msvq import (PATCH_NUMS, MultiScaleQuantizer, MultiScaleVQVAE, load_msvq, msvq_identity,

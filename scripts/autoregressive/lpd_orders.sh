@@ -6,4 +6,4 @@
 # Then sample with: --strategy lpd --order orders/res256_steps20.json --steps 20
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python -m autoregressive.sample.lpd_order "$@"
+python -m autoregressive.sample.lpd_orders "$@"

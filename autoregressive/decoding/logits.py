@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 
 class RowSampler(Protocol):
-    """A per-row random source (e.g. `autoregressive/sample/row_rng.py:RowRNG`): one draw per row
+    """A per-row random source (e.g. `autoregressive/decoding/row_rng.py:RowRNG`): one draw per row
     of probs (R, V) -> (R, 1) int64, so that an image does not depend on its batch-mates."""
 
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor: ...

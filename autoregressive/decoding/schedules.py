@@ -3,7 +3,7 @@
 A schedule is data (`design.md`, "Order and groups are data"): `group_sizes(name, N, S)` returns S
 positive ints summing to N, which `group_decode.decode_in_groups` runs with any order. Pure
 functions, no torch, so that every parallel strategy (ARPG, LPD, ...) can share and extend them;
-`sample/orders.py` picks between these formulas, LPD's official table (`sample/lpd_order.py`) and
+`decoding/orders.py` picks between these formulas, LPD's official table (`decoding/lpd_order.py`) and
 an explicit list.
 
 `arccos` and `cosine` are ARPG's (`specs/arpg.md` section 3.2, official hp-l33/ARPG

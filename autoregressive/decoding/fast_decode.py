@@ -18,7 +18,7 @@ A captured step may only depend on its tensor arguments, the model's weights and
 graph bakes in the addresses of everything it touched. The runner therefore refuses closures,
 and copies every tensor argument into the graph's static buffer before each replay. Sampling
 (CFG, temperature, top-k/top-p, per-image streams) stays outside the graph, on the device
-without host synchronisation (`autoregressive/sample/logits.py`, `row_rng.py`).
+without host synchronisation (`autoregressive/decoding/logits.py`, `row_rng.py`).
 """
 from __future__ import annotations
 

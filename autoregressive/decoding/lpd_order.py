@@ -1,7 +1,7 @@
 """LPD's locality-aware generation orders and its group-size tables (`specs/lpd.md` section 5).
 
 An order lists the N = grid^2 raster indices (row * grid + col) in generation order and step k
-generates the next `group_sizes[k]` of them in parallel (`sample/orders.py` turns the sampling
+generates the next `group_sizes[k]` of them in parallel (`decoding/orders.py` turns the sampling
 flags into such a schedule for every strategy). LPD picks each group from cells next to what is
 already generated (proximity score >= threshold: the sum of 1/distance over generated
 8-neighbours) while keeping the cells of one group apart (Chebyshev distance > repulsion
@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from autoregressive.sample import schedules
-from autoregressive.sample.schedules import check_group_sizes
+from autoregressive.decoding import schedules
+from autoregressive.decoding.schedules import check_group_sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,51 +474,3 @@ def generate_orders(group_sizes: Sequence[int], grid_size: int, num_orders: int,
     else:
         parts = [_chunk(j) for j in jobs]
     return np.concatenate(parts) if parts else np.zeros((0, grid_size * grid_size), dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: write an order file for sampling
-# ---------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """`python -m autoregressive.sample.lpd_order --grid 16 --steps 20 --num-orders 50000 --out F`."""
-    import argparse
-    import time
-
-    # The shared order-file writer and group-size resolution (they import this module).
-    from autoregressive.sample.orders import STEP_SCHEDULES, parse_group_sizes, resolve_group_sizes, save_orders
-
-    p = argparse.ArgumentParser(description="Write LPD locality-aware generation orders (JSON) for sampling.")
-    p.add_argument("--grid", type=int, default=16, help="tokens per side (16 = 256 px, 32 = 512 px with VQ-16)")
-    p.add_argument("--steps", type=int, default=None, help="decoding steps (group sizes from --sample-schedule)")
-    p.add_argument("--group-sizes", type=str, default=None, help="JSON list of group sizes instead of --steps")
-    p.add_argument("--sample-schedule", "--group-schedule", dest="sample_schedule", type=str, default="lpd",
-                   choices=list(STEP_SCHEDULES), help="group sizes for --steps: lpd = the official table (default)")
-    p.add_argument("--proximity-threshold", type=float, default=1.0, help="official default 1.0")
-    p.add_argument("--repulsion-threshold", type=float, default=None,
-                   help="default: the official setting for the grid / steps (2.0 at 16/20 and 16/32, 4.0 at 32/48), else 1.0")
-    p.add_argument("--num-orders", type=int, default=50000, help="one order per image")
-    p.add_argument("--seed", type=int, default=0, help="order i comes from SeedSequence([seed, i])")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
-    p.add_argument("--out", type=str, required=True, help="output .json")
-    a = p.parse_args(argv)
-    n = a.grid * a.grid
-    if a.group_sizes is not None:
-        sizes = check_group_sizes(parse_group_sizes(a.group_sizes), n, what="--group-sizes")
-    elif a.steps is None:
-        raise ValueError("pass --steps or --group-sizes")
-    else:
-        sizes = resolve_group_sizes(n, a.steps, a.sample_schedule)
-    rep = a.repulsion_threshold if a.repulsion_threshold is not None else OFFICIAL_REPULSION.get((a.grid, len(sizes)), 1.0)
-    start = time.time()
-    orders = generate_orders(sizes, a.grid, a.num_orders, seed=a.seed, proximity_threshold=a.proximity_threshold,
-                             repulsion_threshold=rep, workers=a.workers)
-    save_orders(a.out, orders, a.grid, sizes, proximity_threshold=a.proximity_threshold, repulsion_threshold=rep,
-                seed=a.seed)
-    print(f"wrote {len(orders)} orders ({len(sizes)} steps, repulsion {rep}) to {a.out} in {time.time() - start:.1f} s")
-    return Path(a.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,5 @@
-"""The parts of large-scale sampling that do not depend on the strategy, written once.
+"""Image shards of large runs (the DDP sampler and the tokenizer's reconstruction), written once.
 
-- `sample_plan`: which class each global image index gets (N per class, class-balanced) and its seed,
-  so the images are the same whatever the number of ranks or the batch size.
 - `to_uint8`: the official post-processing (bicubic resize on [-1,1] floats, `127.5x + 128`
   clamped and truncated to uint8, NHWC).
 - Shards: each rank writes its finished batches as atomic `.npz` shards named by their first global
@@ -18,40 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from utils.checkpoint import atomic_write, save_json, save_npz
-
-
-def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels (N,), seeds (N,)) for N = num_classes * per_class images.
-
-    Labels are class-balanced and interleaved (index i has class i % num_classes), so any prefix is
-    nearly balanced; each seed is a hash of (global_seed, index), independent of ranks and batches.
-    """
-    n = num_classes * per_class
-    labels = torch.arange(n) % num_classes
-    return labels, image_seeds(global_seed, torch.arange(n))
-
-
-def image_seeds(global_seed: int, indices: torch.Tensor) -> torch.Tensor:
-    """A 62-bit seed per image index (splitmix64 of global_seed and the index), as int64."""
-    x = (indices.to(torch.int64) + (int(global_seed) * 0x9E3779B97F4A7C15 & 0x3FFFFFFFFFFFFFFF))
-    return splitmix64(x) & 0x3FFFFFFFFFFFFFFF
-
-
-_M1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as a signed int64
-_M2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB as a signed int64
-
-
-def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift on int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic), on any device."""
-    x = x + (-0x61C8864680B583EB)  # 0x9E3779B97F4A7C15
-    x = (x ^ _srl(x, 30)) * _M1
-    x = (x ^ _srl(x, 27)) * _M2
-    return x ^ _srl(x, 31)
 
 
 def to_uint8(images: torch.Tensor, image_size_eval: int | None = None) -> np.ndarray:

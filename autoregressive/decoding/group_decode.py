@@ -14,7 +14,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from autoregressive.sample.logits import Generator, cfg_enabled, combine_cfg, sample_from_logits
+from autoregressive.decoding.logits import Generator, cfg_enabled, combine_cfg, sample_from_logits
 
 #: step(g, prev_tokens, prev_positions, next_positions) -> logits (B', G_g, V), valid until the next
 #: call (a step replayed from a CUDA graph, `fast_decode.py`, writes every step into one buffer).

@@ -31,10 +31,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from autoregressive.sample.logits import Generator
-from autoregressive.sample.lpd_order import GROUP_SIZES_LOOKUP, OFFICIAL_REPULSION, lookup_group_sizes, orders_for_seeds
-from autoregressive.sample.row_rng import RowRNG
-from autoregressive.sample.schedules import check_group_sizes, check_steps, group_sizes, schedule_names
+from autoregressive.decoding.logits import Generator
+from autoregressive.decoding.lpd_order import GROUP_SIZES_LOOKUP, OFFICIAL_REPULSION, lookup_group_sizes, orders_for_seeds
+from autoregressive.decoding.row_rng import RowRNG
+from autoregressive.decoding.schedules import check_group_sizes, check_steps, group_sizes, schedule_names
 from utils.checkpoint import atomic_write
 
 ORDERS = ("raster", "random", "lpd")  # or the path of an order file
