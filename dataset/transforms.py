@@ -28,9 +28,9 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 
 def random_crop_arr(pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8,
-                    max_crop_frac: float = 1.0, rng: random.Random | None = None) -> Image.Image:
-    """ADM random crop: short side resized to a random size in [size/max, size/min], random crop."""
-    rng = rng or random
+                    max_crop_frac: float = 1.0, *, rng: random.Random) -> Image.Image:
+    """ADM random crop: short side resized to a random size in [size/max, size/min], random crop.
+    The draws come from `rng` (a seeded `random.Random`), never from the global `random`."""
     min_smaller = math.ceil(image_size / max_crop_frac)
     max_smaller = math.ceil(image_size / min_crop_frac)
     smaller = rng.randrange(min_smaller, max_smaller + 1)
@@ -70,17 +70,3 @@ def center_crop_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
 def with_flip(x: torch.Tensor) -> torch.Tensor:
     """(n,3,S,S) -> (2n,3,S,S): the views, then their horizontal mirrors (extraction's flip views)."""
     return torch.cat([x, torch.flip(x, dims=[-1])])
-
-
-def train_transform(image_size: int, min_crop_frac: float = 0.8, flip: bool = True):
-    """Tokenizer-training augmentation (official `vq_train.py`): ADM random crop with crop fraction
-    in [min_crop_frac, 1], random horizontal flip, [-1,1]. Python's `random` is seeded per
-    DataLoader worker by torch, so a seeded loader gives the same crops."""
-
-    def fn(img: Image.Image) -> torch.Tensor:
-        img = random_crop_arr(img, image_size, min_crop_frac=min_crop_frac)
-        if flip and random.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor_normalized(img)
-
-    return fn

@@ -179,10 +179,6 @@ class Throughput:
         return rate
 
 
-def grad_norm_finite(norm: torch.Tensor) -> bool:
-    return bool(math.isfinite(float(norm)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Run folders and RNG state
 # ---------------------------------------------------------------------------------------------

@@ -133,14 +133,6 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def group_boundaries(group_sizes: Sequence[int]) -> list[int]:
-    """Slot boundaries `[0, 1, 1 + g_1, ..., 1 + N]`: slot 0 = class, slot 1 + t = order index t."""
-    out = [0, 1]
-    for g in group_sizes:
-        out.append(out[-1] + int(g))
-    return out
-
-
 def group_attention_mask(group_sizes: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Training mask (T, T) bool, True = attend, T = 1 + 2N - g_K (spec 3.1).
 
