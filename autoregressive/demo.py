@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoregressive.strategies import strategy_names
+from autoregressive.strategies import parse_driver_args, strategy_names
 from utils.logger import create_logger, progress
 from utils.training import last_checkpoint
 
@@ -297,7 +297,7 @@ def stage_gpt(out: Path, run: dict, code_path: Path, vq_ckpt: Path, args, logger
         logger.info(f"resuming the unfinished {name} GPT run {partial}")
         argv += ["--resume", str(partial)]
     parser = train_c2i.build_parser()
-    train_c2i.main(parser.parse_args(argv), explicit=train_c2i.explicit_flags(parser, argv))
+    train_c2i.main(*parse_driver_args(parser, argv))
     ckpt, _ = final_checkpoint(results, f"{model}-{name}", steps)
     if ckpt is None:
         raise RuntimeError(f"the {name} GPT run under {results} did not write {steps:07d}.pt")

@@ -63,7 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autoregressive.decoding.fast_decode import DECODE_PATHS, make_runner  # noqa: E402
 from autoregressive.decoding.logits import cfg_labels, combine_cfg, sample_from_logits  # noqa: E402
 from autoregressive.decoding.row_rng import RowRNG, image_seeds  # noqa: E402
-from autoregressive.strategies import STRATEGIES, add_strategy_arguments, get_strategy  # noqa: E402
+from autoregressive.sample.common import add_sampling_args  # noqa: E402
+from autoregressive.strategies import STRATEGIES, get_strategy  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 
 
@@ -167,11 +168,11 @@ def generate_without_cache(model, labels: torch.Tensor, cfg_scale: float, genera
 
 
 def strategy_args(case: Case, size: str, bench_args: argparse.Namespace) -> argparse.Namespace:
-    """What a driver would pass to `strategy.configure`: the shared sizes, the strategy's own flags
-    at their defaults, and the case's values."""
+    """What the samplers would pass to `strategy.configure`: their flags at the defaults (the
+    strategy's own included), the shared sizes, and the case's values."""
     p = argparse.ArgumentParser()
-    add_strategy_arguments(p)
-    args = p.parse_args([])
+    add_sampling_args(p)
+    args = p.parse_args(["--gpt-ckpt", "-", "--vq-ckpt", "-"])
     for k in ("image_size", "downsample_size", "vocab_size", "num_classes", "cfg_scale"):
         setattr(args, k, getattr(bench_args, k))
     args.strategy, args.gpt_model, args.steps = case.strategy, case.sizes[size], case.steps
@@ -188,7 +189,7 @@ def build_case(case: Case, size: str, args: argparse.Namespace, device: torch.de
         return f"no {size!r} size for {case.strategy}"
     strategy = get_strategy(case.strategy)
     sargs = strategy_args(case, size, args)
-    strategy.configure(sargs)
+    strategy.configure(sargs, training=False)
     grid = args.image_size // args.downsample_size
     vocab = case.vocab_size or args.vocab_size
     if case.strategy == "var":  # next-scale inputs come from the VQVAE's codebook: a random one

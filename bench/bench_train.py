@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
     raster, npp = get_strategy("raster"), get_strategy("npp")
     npp.configure(argparse.Namespace(image_size=args.image_size, downsample_size=args.downsample_size,
                                      patch_level=args.patch_level, epochs=args.epochs,
-                                     epoch_rate=args.epoch_rate, scheduler=False))
+                                     epoch_rate=args.epoch_rate, scheduler=False), training=True)
     schedule = npp.schedule
     gen = torch.Generator().manual_seed(args.seed)
     codes = torch.randint(0, args.vocab_size, (args.batch_size, n), generator=gen).to(device)

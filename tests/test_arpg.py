@@ -103,7 +103,7 @@ def test_any_order_decodes_as_a_recompute(order, tmp_path):
                               repulsion_threshold=None, cfg_schedule="linear", cfg_interval=-1, image_size=16,
                               downsample_size=4, steps=5)
     strategy = ArpgStrategy()
-    strategy.configure(args)
+    strategy.configure(args, training=False)
     model, labels, seeds = tiny_model(2), torch.tensor([0, 3]), torch.tensor([11, 12])
     rec: list[torch.Tensor] = []
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_bad_input_is_refused():
     args = argparse.Namespace(sample_schedule="arccos", cfg_schedule="linear", steps=300, image_size=256,
                               downsample_size=16, cfg_interval=-1)
     with pytest.raises(ValueError, match="--step 300 is larger"):
-        ArpgStrategy().configure(args)
+        ArpgStrategy().configure(args, training=False)
     with pytest.raises(NotImplementedError, match="cannot edit"):
         get_strategy("raster").edit(model, labels, tokens, known)
 
@@ -264,13 +264,18 @@ def test_edit_command_and_bad_masks(tmp_path):
 
 
 def test_training_takes_the_official_lr_schedule_unless_told_otherwise():
-    """No schedule flags: ARPG's official 100 warm-up epochs then a cosine; --warmup-epochs 0 keeps
-    the driver's constant rate."""
-    from autoregressive.train.train_c2i import build_parser
+    """No schedule flag given: ARPG's official recipe (100 warm-up epochs then a cosine). Any of its
+    flags given: the recipe stays off and the flags are taken as given (no flag rewrites another)."""
+    from autoregressive.train.train_c2i import build_parser, resolve_flags
+    from utils.run import given_flags
 
-    args = build_parser().parse_args(["--code-path", "x", "--strategy", "arpg", "--gpt-model", "ARPG-debug"])
-    get_strategy("arpg").configure(args)
-    assert (args.lr_schedule, args.warmup_epochs) == ("cosine", 100.0)
-    args = build_parser().parse_args(["--code-path", "x", "--strategy", "arpg", "--warmup-epochs", "0"])
-    get_strategy("arpg").configure(args)
-    assert (args.lr_schedule, args.warmup_epochs) == ("constant", 0.0)
+    def resolved(*flags):
+        parser, argv = build_parser(), ["--code-path", "x", "--strategy", "arpg", *flags]
+        args = parser.parse_args(argv)
+        resolve_flags(args, given_flags(parser, argv))
+        return args.lr_schedule, args.warmup_epochs
+
+    assert resolved("--gpt-model", "ARPG-debug") == ("cosine", 100.0)
+    assert resolved("--warmup-epochs", "0") == ("constant", 0.0)
+    assert resolved("--lr-schedule", "constant") == ("constant", None)
+    assert resolved("--lr-schedule", "cosine", "--warmup-epochs", "5") == ("cosine", 5.0)

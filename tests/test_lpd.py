@@ -255,46 +255,47 @@ def test_bad_order_files_are_refused(tmp_path):
     good = generate_orders(GROUP_SIZES_LOOKUP[16][20], 16, 3, seed=0)
     save_orders(tmp_path / "g8.json", generate_orders(cosine(64, 8), 8, 2), 8, cosine(64, 8))
     with pytest.raises(ValueError, match="8x8 grid, but the model's grid is 16x16"):
-        LpdStrategy().configure(sampling_args(order=str(tmp_path / "g8.json")))
+        LpdStrategy().configure(sampling_args(order=str(tmp_path / "g8.json")), training=False)
     (tmp_path / "short.json").write_text(json.dumps([list(range(10))]))
     with pytest.raises(ValueError, match="orders of length 10, but the 16x16 grid has 256 tokens"):
-        LpdStrategy().configure(sampling_args(order=str(tmp_path / "short.json")))
+        LpdStrategy().configure(sampling_args(order=str(tmp_path / "short.json")), training=False)
     bad = good.copy()
     bad[1, 0] = bad[1, 1]
     (tmp_path / "dup.json").write_text(json.dumps(bad.tolist()))
     with pytest.raises(ValueError, match="order 1 is not a permutation"):
-        LpdStrategy().configure(sampling_args(order=str(tmp_path / "dup.json")))
+        LpdStrategy().configure(sampling_args(order=str(tmp_path / "dup.json")), training=False)
     (tmp_path / "sizes.json").write_text(json.dumps({"grid_size": 16, "group_sizes": [1, 2, 3], "orders": good.tolist()}))
     with pytest.raises(ValueError, match="sum to 6, but the grid has 256 tokens"):
-        LpdStrategy().configure(sampling_args(order=str(tmp_path / "sizes.json")))
+        LpdStrategy().configure(sampling_args(order=str(tmp_path / "sizes.json")), training=False)
     save_orders(tmp_path / "s32.json", good, 16, GROUP_SIZES_LOOKUP[16][32])
     with pytest.raises(ValueError, match="generated for group sizes"):
-        LpdStrategy().configure(sampling_args(order=str(tmp_path / "s32.json")))
+        LpdStrategy().configure(sampling_args(order=str(tmp_path / "s32.json")), training=False)
     with pytest.raises(ValueError, match="neither"):
-        LpdStrategy().configure(sampling_args(order=str(tmp_path / "missing.json")))
+        LpdStrategy().configure(sampling_args(order=str(tmp_path / "missing.json")), training=False)
     (tmp_path / "ok.json").write_text(json.dumps(good.tolist()))  # the official bare list
-    LpdStrategy().configure(sampling_args(order=str(tmp_path / "ok.json")))
+    LpdStrategy().configure(sampling_args(order=str(tmp_path / "ok.json")), training=False)
 
 
 def test_bad_group_sizes_and_steps_are_refused(tmp_path):
     with pytest.raises(ValueError, match="sum to 255, but the grid has 256 tokens"):
-        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([1] * 255), steps=None))
+        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([1] * 255), steps=None), training=False)
     with pytest.raises(ValueError, match="positive integers"):
-        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([0, 256]), steps=None))
+        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([0, 256]), steps=None), training=False)
     (tmp_path / "list.json").write_text(json.dumps([[1, 2, 3]]))
     with pytest.raises(ValueError, match="--group-sizes-list"):
-        LpdStrategy().configure(sampling_args(group_sizes_list=str(tmp_path / "list.json")))
+        LpdStrategy().configure(sampling_args(group_sizes_list=str(tmp_path / "list.json"), class_dropout_prob=0.1),
+                                training=True)
     with pytest.raises(ValueError, match="no group sizes for 7 steps over 256 tokens.*--sample-schedule cosine"):
-        LpdStrategy().configure(sampling_args(steps=7))
+        LpdStrategy().configure(sampling_args(steps=7), training=False)
     with pytest.raises(ValueError, match="no group sizes for 5 steps over 64 tokens"):
-        LpdStrategy().configure(sampling_args(image_size=128, steps=5))
+        LpdStrategy().configure(sampling_args(image_size=128, steps=5), training=False)
     ok = LpdStrategy()
-    ok.configure(sampling_args(image_size=128, steps=5, sample_schedule="cosine"))
+    ok.configure(sampling_args(image_size=128, steps=5, sample_schedule="cosine"), training=False)
     assert ok.schedule_sizes(64, 5) == cosine(64, 5)
     with pytest.raises(ValueError, match="must be a JSON list of integers"):
-        LpdStrategy().configure(sampling_args(group_sizes="[1, 2"))
+        LpdStrategy().configure(sampling_args(group_sizes="[1, 2"), training=False)
     with pytest.raises(ValueError, match="--steps 4 contradicts --group-sizes"):
-        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([1] * 256), steps=4))
+        LpdStrategy().configure(sampling_args(group_sizes=json.dumps([1] * 256), steps=4), training=False)
 
 
 def test_edit_command_with_an_lpd_model(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def test_bad_patch_level_message(level, image_size, message):
     args = argparse.Namespace(image_size=image_size, downsample_size=16, patch_level=level, epochs=300,
                               epoch_rate=0.5, scheduler=False)
     with pytest.raises(ValueError, match=re.escape(message)):
-        get_strategy("npp").configure(args)
+        get_strategy("npp").configure(args, training=True)
 
 
 # ---------------------------------------------------------------------------------------------

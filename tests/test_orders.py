@@ -37,12 +37,12 @@ def test_the_schedule_flags_are_the_drivers_not_a_strategys():
     base = ["--gpt-ckpt", "g.pt", "--vq-ckpt", "v.pt", "--image-size", "256"]
     args = p.parse_args(base + ["--strategy", "arpg", "--order", "lpd", "--step", "20", "--cfg-schedule", "constant"])
     arpg = get_strategy("arpg")
-    arpg.configure(args)
+    arpg.configure(args, training=False)
     assert (arpg.schedule.order, arpg.schedule.step_schedule, arpg.cfg_schedule) == ("lpd", "arccos", "constant")
     lpd = get_strategy("lpd")
-    lpd.configure(p.parse_args(base + ["--strategy", "lpd", "--order", "random", "--steps", "32"]))
+    lpd.configure(p.parse_args(base + ["--strategy", "lpd", "--order", "random", "--steps", "32"]), training=False)
     assert lpd.schedule.order == "random" and lpd.schedule_sizes(256, 32) == GROUP_SIZES_LOOKUP[16][32]
-    lpd.configure(p.parse_args(base + ["--strategy", "lpd", "--group-schedule", "arccos", "--steps", "7"]))
+    lpd.configure(p.parse_args(base + ["--strategy", "lpd", "--group-schedule", "arccos", "--steps", "7"]), training=False)
     assert lpd.schedule_sizes(256, 7) == group_sizes("arccos", 256, 7)  # the alias of --sample-schedule
 
 
@@ -105,4 +105,4 @@ def test_order_files_give_rows_and_their_sizes(tmp_path):
     args = sampling_parser().parse_args(["--gpt-ckpt", "g", "--vq-ckpt", "v", "--image-size", "128", "--strategy",
                                          "arpg", "--order", str(bad)])
     with pytest.raises(ValueError, match="4x4 grid, but the model's grid is 8x8"):
-        get_strategy("arpg").configure(args)
+        get_strategy("arpg").configure(args, training=False)

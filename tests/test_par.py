@@ -108,7 +108,7 @@ def test_bad_flags_are_refused(flags, message):
     """The official flag names and defaults reach the strategy; bad values fail with the reason."""
     args = build_parser().parse_args(["--code-path", "x", "--strategy", "par", *flags])
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        get_strategy("par").configure(args)
+        get_strategy("par").configure(args, training=True)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         grid = args.image_size // args.downsample_size
         build_par("GPT-debug", block_size=grid * grid, ar_token_num=args.ar_token_num,
@@ -119,7 +119,7 @@ def test_official_flag_defaults_and_model_mismatch():
     args = build_parser().parse_args(["--code-path", "x", "--strategy", "par"])
     assert (args.spe_token_num, args.ar_token_num) == (3, 4)  # PAR-4x, the official defaults
     strategy = get_strategy("par")
-    strategy.configure(args)
+    strategy.configure(args, training=True)
     assert strategy.model_config(args) == {"spe_token_num": 3, "ar_token_num": 4}
     assert set(strategy.arch_flags) == {"spe_token_num", "ar_token_num"}
     codes = torch.randint(0, 32, (2, 64))

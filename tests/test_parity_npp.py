@@ -96,7 +96,7 @@ def check_lr_scheduler(inp, out, tol):
     npp.configure(argparse.Namespace(image_size=64, downsample_size=16, patch_level=inp["patch_level"],
                                      epochs=inp["epochs"], epoch_rate=inp["epoch_rate"], scheduler=True,
                                      lr=inp["lr"], end_lr=inp["end_lr"], warmup_epochs=inp["warmup_epochs"],
-                                     decay_ratio=inp["decay_ratio"]))
+                                     decay_ratio=inp["decay_ratio"]), training=True)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=inp["lr"])
     lrs = []
     for t in range(inp["total_steps"]):

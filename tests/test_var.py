@@ -98,11 +98,18 @@ def test_seeded_sampling_is_reproducible_and_more_smooth_decodes_soft_fhat():
     rows = strategy.generate(model, labels, cfg_scale=2.5, generator=RowRNG(torch.tensor([3, 4, 5])))
     rows_again = strategy.generate(model, labels[1:], cfg_scale=2.5, generator=RowRNG(torch.tensor([4, 5])))
     assert torch.equal(rows[1:], rows_again)  # per-image streams: independent of batch-mates
-    smooth = draw(7, more_smooth=True)
-    soft_img = strategy.decode_tokens(tok, smooth, PN[-1])
-    hard_img = tok.ids_to_img(smooth)
+    smooth = strategy.generate_for_decoding(model, labels, cfg_scale=2.5, top_k=8, top_p=0.9, more_smooth=True,
+                                            generator=torch.Generator().manual_seed(7))
+    assert torch.equal(smooth.tokens, draw(7, more_smooth=True)) and smooth.latent is not None
+    soft_img = strategy.decode_generation(tok, smooth, PN[-1])
+    hard_img = tok.ids_to_img(smooth.tokens)
     assert soft_img.shape == (3, 3, 48, 48) and not torch.allclose(soft_img, hard_img)
-    assert torch.equal(strategy.decode_tokens(tok, a, PN[-1]), tok.ids_to_img(a))
+    # The ids alone decode as ids, whichever generation came before: the strategy keeps no state.
+    assert torch.equal(strategy.decode_tokens(tok, smooth.tokens, PN[-1]), hard_img)
+    plain = strategy.generate_for_decoding(model, labels, cfg_scale=2.5, top_k=8, top_p=0.9,
+                                           generator=torch.Generator().manual_seed(7))
+    assert plain.latent is None and torch.equal(plain.tokens, a)
+    assert torch.equal(strategy.decode_generation(tok, plain, PN[-1]), tok.ids_to_img(a))
 
 
 def test_training_loss_is_token_mean_cross_entropy_with_label_smoothing():
@@ -237,7 +244,7 @@ def test_llamagen_tokenizer_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
         load_msvq(tmp_path / "vq.pt")
     with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
-        VarStrategy().configure(var_args(vae_ckpt=str(tmp_path / "vq.pt")))
+        VarStrategy().configure(var_args(vae_ckpt=str(tmp_path / "vq.pt")), training=False)
 
 
 @pytest.mark.parametrize("other", [dict(patch_nums=(1, 2, 4)), dict(vocab_size=32)],
@@ -259,14 +266,14 @@ def test_image_size_that_patch_nums_do_not_fit_is_refused():
     with pytest.raises(ValueError, match="does not fit patch_nums"):
         VarStrategy.resolve_patch_nums("1_2_3", 64)
     with pytest.raises(ValueError, match="does not fit patch_nums"):
-        VarStrategy().configure(var_args(image_size=256, pn="512"))
+        VarStrategy().configure(var_args(image_size=256, pn="512"), training=False)
     with pytest.raises(ValueError, match="no official patch_nums"):
         VarStrategy.resolve_patch_nums(None, 96)
     assert VarStrategy.resolve_patch_nums(None, 256) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     with pytest.raises(ValueError, match="encodes \\(B, 3, 48, 48\\) images"):
         tiny_tokenizer().encode_to_indices(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="VAR-d16 has depth 16"):
-        VarStrategy().configure(var_args(gpt_model="VAR-d16", depth=20))
+        VarStrategy().configure(var_args(gpt_model="VAR-d16", depth=20), training=False)
 
 
 def test_sampling_driver_loads_var_and_its_tokenizer(tmp_path):
@@ -319,7 +326,7 @@ def test_extracted_codes_train_on_two_ranks(tmp_path):
 
     torch.save(msvq_checkpoint(tiny_tokenizer(ch=4)), tmp_path / "other.pt")
     with pytest.raises(CodesError, match="another tokenizer"):
-        VarStrategy().configure(var_args(code_path=str(codes), dataset="folder", vae_ckpt=str(tmp_path / "other.pt")))
+        VarStrategy().configure(var_args(code_path=str(codes), dataset="folder", vae_ckpt=str(tmp_path / "other.pt")), training=True)
 
     train = ["autoregressive/train/train_c2i.py", "--strategy", "var", "--code-path", str(codes),
            "--dataset", "folder", "--image-size", "48", "--pn", "1_2_3", "--vae-ckpt", str(tmp_path / "msvq.pt"),

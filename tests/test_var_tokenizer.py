@@ -58,7 +58,7 @@ def test_loss_falls_and_checkpoint_loads_as_var_tokenizer(trained):
     args = argparse.Namespace(gpt_model="VAR-debug", depth=None, pn="1_2_4_8", image_size=32, downsample_size=4,
                               saln=False, anorm=True, ls=0.0, more_smooth=False, aln=0.5, alng=1e-5, hd=0.02,
                               ini=-1, wpe=None, vae_ckpt=None, vq_ckpt=str(trained / "checkpoints" / "0000012.pt"))
-    strategy.configure(args)
+    strategy.configure(args, training=False)
     assert isinstance(strategy.load_tokenizer(args), MultiScaleVQVAE)
 
 

@@ -13,9 +13,10 @@ import torch
 from autoregressive.decoding.fast_decode import DECODE_PATHS, make_runner
 from autoregressive.decoding.orders import add_schedule_arguments
 from autoregressive.decoding.row_rng import RowRNG, image_seeds
-from autoregressive.strategies import (Strategy, add_strategy_arguments, get_strategy, model_size_names,
-                                      strategy_names)
+from autoregressive.strategies import (Generation, Strategy, add_strategy_arguments, check_strategy_flags,
+                                      get_strategy, model_size_names, strategy_names)
 from tokenizer.vq_model import VQ_models, VQModel
+from utils.run import given_flags
 
 PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,24 +91,35 @@ class Sampler:
         a = self.args
         device = next(self.gpt.parameters()).device
         rng = RowRNG(seeds.to(device))
-        tokens = self.strategy.generate(self.gpt, labels.to(device), cfg_scale=a.cfg_scale,
-                                        cfg_interval=a.cfg_interval, temperature=a.temperature,
-                                        top_k=a.top_k, top_p=a.top_p, steps=a.steps, generator=rng)
-        return self.decode(tokens)
+        generation = self.strategy.generate_for_decoding(
+            self.gpt, labels.to(device), cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval,
+            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, steps=a.steps, generator=rng)
+        return self.decode(generation)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids -> images (B,3,S,S) float32; in bf16 autocast on the fast CUDA paths."""
-        fast = self.strategy.runner.name != "eager" and tokens.device.type == "cuda"
+    def decode(self, generation: Generation | torch.Tensor) -> torch.Tensor:
+        """A generation (or bare token ids) -> images (B,3,S,S) float32; in bf16 autocast on the
+        fast CUDA paths."""
+        if isinstance(generation, torch.Tensor):
+            generation = Generation(generation)
+        fast = self.strategy.runner.name != "eager" and generation.tokens.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
-            return self.strategy.decode_tokens(self.vq, tokens, self.grid).float()
+            return self.strategy.decode_generation(self.vq, generation, self.grid).float()
 
 
-def load_sampler(args: argparse.Namespace, device: torch.device) -> Sampler:
-    """Load the tokenizer and the GPT strictly, check they fit together, and cast for `--precision`."""
+def load_sampler(args: argparse.Namespace, device: torch.device, given: set[str] | None = None) -> Sampler:
+    """Load the tokenizer and the GPT strictly, check they fit together, and cast for `--precision`.
+
+    `given`: the flags the user gave (None: those that differ from their defaults); a flag of
+    another strategy than `--strategy` is refused before anything is loaded."""
+    if given is None:
+        probe = argparse.ArgumentParser()
+        add_sampling_args(probe)
+        given = given_flags(probe, args=args)
+    check_strategy_flags(args.strategy, given)
     if args.image_size % args.downsample_size:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size {args.downsample_size}")
     strategy = get_strategy(args.strategy)
-    strategy.configure(args)
+    strategy.configure(args, training=False)
     vq = strategy.load_tokenizer(args).to(device)  # LlamaGen VQ; VAR's multi-scale VQVAE
     if vq.downsample != args.downsample_size:
         raise ValueError(f"the tokenizer {args.vq_model} downsamples by {vq.downsample}, "

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
+from autoregressive.strategies import parse_driver_args
 from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.sample.sample_c2i import make_grid
 from autoregressive.decoding.row_rng import image_seeds
@@ -98,7 +99,7 @@ def check_region(regen: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     device = init_distributed(args.device).device
     image = Image.open(args.image).convert("RGB")
     grid = args.image_size // args.downsample_size
@@ -110,7 +111,7 @@ def main(args: argparse.Namespace) -> Path:
         regen = mask_from_border(args.outpaint_border, grid)
     check_region(regen)
     # --step counts the steps over the regenerated tokens (checked by `edit`), not the whole grid.
-    sampler = load_sampler(argparse.Namespace(**{**vars(args), "steps": None}), device)
+    sampler = load_sampler(argparse.Namespace(**{**vars(args), "steps": None}), device, given)
     if not 0 <= args.class_id < args.num_classes:
         raise ValueError(f"--class-id must lie in [0, {args.num_classes}), got {args.class_id}")
 
@@ -153,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     parser = build_parser()
-    cli_args = parser.parse_args()
     try:
-        main(cli_args)
+        main(*parse_driver_args(parser))
     except ValueError as err:
         parser.error(str(err))

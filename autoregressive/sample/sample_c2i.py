@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
+from autoregressive.strategies import parse_driver_args
 from autoregressive.decoding.row_rng import image_seeds
 from utils.shards import to_uint8
 from utils.distributed import init_distributed
@@ -39,9 +40,9 @@ def make_grid(images_uint8, nrow: int, pad: int = 2):
     return Image.fromarray(grid)
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     device = init_distributed(args.device).device
-    sampler = load_sampler(args, device)
+    sampler = load_sampler(args, device, given)
     labels = torch.tensor(args.classes, dtype=torch.long).repeat_interleave(args.per_class)
     seeds = image_seeds(args.global_seed, torch.arange(len(labels)))
     t0 = time.perf_counter()
@@ -72,4 +73,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    main(*parse_driver_args(build_parser()))

@@ -29,6 +29,7 @@ import torch
 
 from autoregressive.decoding.row_rng import image_seeds
 from autoregressive.sample.common import add_sampling_args, load_sampler, sample_plan
+from autoregressive.strategies import parse_driver_args
 from utils.shards import claim_shard_folder, finished_shards, pack_npz, to_uint8, write_pngs, write_shard
 from utils.checkpoint import file_sha256, save_json
 from utils.distributed import barrier, cleanup, init_distributed
@@ -55,7 +56,7 @@ def labels_and_seeds(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tens
     return labels, seeds
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     # Setup ----------------------------------------------------------------------------------
     info = init_distributed(args.device)
     rank, world, device = info.rank, info.world_size, info.device
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> Path:
     barrier()
 
     # Models -----------------------------------------------------------------------------------
-    sampler = load_sampler(args, device)
+    sampler = load_sampler(args, device, given)
     labels, seeds = labels_and_seeds(args)
     total, bs = len(labels), args.per_proc_batch_size
     num_batches = math.ceil(total / bs)
@@ -132,4 +133,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    main(*parse_driver_args(build_parser()))

@@ -6,14 +6,16 @@ argparse `choices=` and `get_strategy(args.strategy)` to obtain it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from autoregressive.strategies.arpg import ArpgStrategy
-from autoregressive.strategies.base import Strategy, TrainingBatch
+from autoregressive.strategies.base import Generation, Strategy, TrainingBatch
 from autoregressive.strategies.lpd import LpdStrategy
 from autoregressive.strategies.npp import NppStrategy
 from autoregressive.strategies.par import ParStrategy
 from autoregressive.strategies.raster import RasterStrategy
 from autoregressive.strategies.var import VarStrategy
+from utils.run import given_flags
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "raster": RasterStrategy,
@@ -38,9 +40,45 @@ def model_size_names() -> list[str]:
 
 
 def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every registered strategy's own flags, one argument group per strategy."""
+    """Every registered strategy's own flags, one argument group per strategy (the drivers'
+    `--help` lists them by strategy); `check_strategy_flags` refuses those of another strategy."""
     for name, cls in STRATEGIES.items():
         cls.add_arguments(parser.add_argument_group(f"--strategy {name}"))
+
+
+def flag_owners() -> dict[str, tuple[str, str]]:
+    """Argparse dest -> (owning strategy, the flag as typed) for every strategy's own flags."""
+    owners = {}
+    for name, cls in STRATEGIES.items():
+        probe = argparse.ArgumentParser(add_help=False)
+        cls.add_arguments(probe.add_argument_group(name))
+        for action in probe._actions:
+            owners[action.dest] = (name, action.option_strings[0])
+    return owners
+
+
+def check_strategy_flags(strategy: str, given: set[str]) -> None:
+    """Refuse a flag given for another strategy than `strategy` (it would be silently ignored):
+    ValueError naming the flag and its owner, e.g. `--ls is a flag of --strategy var`."""
+    foreign = sorted((flag, owner) for dest, (owner, flag) in flag_owners().items()
+                     if dest in given and owner != strategy)
+    if foreign:
+        listed = "; ".join(f"{flag} is a flag of --strategy {owner}" for flag, owner in foreign)
+        raise ValueError(f"{listed}, not of --strategy {strategy}: drop it or choose that strategy")
+
+
+def parse_driver_args(parser: argparse.ArgumentParser, argv: list[str] | None = None
+                      ) -> tuple[argparse.Namespace, set[str]]:
+    """Parse a driver's command line; returns the flags and the set of those given. A flag of
+    another strategy than `--strategy` exits with status 2 and one `error:` line (argparse's)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    try:
+        check_strategy_flags(args.strategy, given)
+    except ValueError as e:
+        parser.error(str(e))
+    return args, given
 
 
 def get_strategy(name: str) -> Strategy:
@@ -50,5 +88,5 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]()
 
 
-__all__ = ["STRATEGIES", "Strategy", "TrainingBatch", "add_strategy_arguments", "get_strategy",
-           "model_size_names", "strategy_names"]
+__all__ = ["STRATEGIES", "Generation", "Strategy", "TrainingBatch", "add_strategy_arguments", "check_strategy_flags",
+           "flag_owners", "get_strategy", "model_size_names", "parse_driver_args", "strategy_names"]

@@ -46,6 +46,9 @@ class ArpgStrategy(RasterStrategy):
 
     name = "arpg"
     model_sizes = ARPG_SIZES
+    #: the official schedule (hp-l33/ARPG `train_c2i.py`): 100 warm-up epochs, then a half-cosine
+    #: to --min-lr; applied when no lr-schedule flag is given (`--warmup-epochs 0` keeps a constant rate).
+    training_recipe = {"lr_schedule": "cosine", "warmup_epochs": 100.0}
 
     def __init__(self, sample_schedule: str = "arccos", cfg_schedule: str = "linear"):
         # The official sampler defaults until `configure` reads the flags.
@@ -55,22 +58,20 @@ class ArpgStrategy(RasterStrategy):
 
     # -- flags ------------------------------------------------------------------------------------
 
-    def configure(self, args: argparse.Namespace) -> None:
+    def configure(self, args: argparse.Namespace, *, training: bool) -> None:
         """Read the shared schedule flags (`decoding/orders.py`: `--order`, `--sample-schedule`,
         `--group-sizes`, `--cfg-schedule`, ...); refuse a `--step` above the token count or one the
-        schedule cannot serve, and `--cfg-interval` (ARPG has none)."""
+        schedule cannot serve, and `--cfg-interval` (ARPG has none). Training reads none of them
+        (orders are drawn per step; the lr recipe is `training_recipe`)."""
+        if training:
+            return
         self.schedule = Schedule.from_args(args, order="random", step_schedule="arccos")
-        self.cfg_schedule = getattr(args, "cfg_schedule", None) or "linear"
+        self.cfg_schedule = args.cfg_schedule or "linear"
         self._check_cfg_schedule()
-        if "steps" in vars(args) and hasattr(args, "image_size"):  # sampling: fail before loading
-            n = (args.image_size // args.downsample_size) ** 2
-            self.schedule.sizes(n, args.steps, min(DEFAULT_STEPS, n))
-        if getattr(args, "cfg_interval", -1) != -1:
+        n = (args.image_size // args.downsample_size) ** 2
+        self.schedule.sizes(n, args.steps, min(DEFAULT_STEPS, n))  # sampling: fail before loading
+        if args.cfg_interval != -1:
             raise ValueError("arpg has no --cfg-interval: use --cfg-schedule linear or constant")
-        if getattr(args, "lr_schedule", None) == "constant" and getattr(args, "warmup_epochs", 0) is None:
-            # Training without schedule flags: ARPG's official defaults (100 warm-up epochs, then a
-            # half-cosine to --min-lr). `--warmup-epochs 0` keeps a constant rate.
-            args.lr_schedule, args.warmup_epochs = "cosine", 100.0
 
     def _check_cfg_schedule(self) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:

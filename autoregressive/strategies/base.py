@@ -30,6 +30,15 @@ class TrainingBatch:
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the order a strategy sampled
 
 
+@dataclass
+class Generation:
+    """What one sampling call produced: the token ids (B, N) and, where the tokenizer decodes
+    something other than them, that input (VAR's `more_smooth`: the soft f_hat map)."""
+
+    tokens: torch.Tensor
+    latent: torch.Tensor | None = None
+
+
 class Strategy(ABC):
     """Base class of every decoding strategy; see `autoregressive/strategies/__init__.py`."""
 
@@ -42,6 +51,11 @@ class Strategy(ABC):
     #: this strategy's flags that fix the training schedule but not the model (e.g. NPP's patch
     #: stages): like `arch_flags`, taken from the checkpoint on resume and an error when contradicted.
     schedule_flags: tuple[str, ...] = ()
+    #: this strategy's official training recipe for shared driver flags (argparse dest -> value),
+    #: applied by the training driver as a whole when the user gave none of these flags.
+    training_recipe: dict[str, Any] = {}
+    #: official flag aliases this strategy adds (its dest -> the driver's dest); `apply_flag_aliases`.
+    flag_aliases: dict[str, str] = {}
 
     # -- decoding path ----------------------------------------------------------------------------
 
@@ -67,8 +81,10 @@ class Strategy(ABC):
         belongs to one strategy only; flags common to several strategies live in the drivers.
         """
 
-    def configure(self, args: argparse.Namespace) -> None:
-        """Read and validate this strategy's flags (raise ValueError with the reason when wrong)."""
+    def configure(self, args: argparse.Namespace, *, training: bool) -> None:
+        """Read and validate this strategy's flags for training (`training=True`, the training
+        driver's flags) or sampling (the samplers' flags); raise ValueError with the reason when
+        wrong. Reads files at most to validate them; never changes `args`."""
 
     def model_config(self, args: argparse.Namespace) -> dict[str, Any]:
         """Constructor arguments of the model that come from this strategy's flags."""
@@ -79,6 +95,15 @@ class Strategy(ABC):
     def decode_tokens(self, vq: nn.Module, tokens: torch.Tensor, grid: int) -> torch.Tensor:
         """Token ids from `generate` -> images (B, 3, H, W) in about [-1, 1]."""
         return vq.decode_indices(tokens, grid=(grid, grid))
+
+    def generate_for_decoding(self, model: nn.Module, labels: torch.Tensor, **kwargs: Any) -> Generation:
+        """`generate`, with everything `decode_generation` needs besides the token ids (nothing,
+        except for VAR's `more_smooth` maps). The samplers call this pair; nothing is kept on `self`."""
+        return Generation(self.generate(model, labels, **kwargs))
+
+    def decode_generation(self, vq: nn.Module, generation: Generation, grid: int) -> torch.Tensor:
+        """A `generate_for_decoding` result -> images (B, 3, H, W) in about [-1, 1]."""
+        return self.decode_tokens(vq, generation.tokens, grid)
 
     @classmethod
     def code_length(cls, args: argparse.Namespace) -> int:
@@ -94,9 +119,25 @@ class Strategy(ABC):
         return load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
 
     @classmethod
-    def apply_flag_aliases(cls, args: argparse.Namespace) -> None:
-        """Set the driver's flags from this strategy's official aliases of them (VAR: --bs, --ep,
-        --tblr, ...); the training driver calls it first, before any flag is read."""
+    def alias_value(cls, alias: str, args: argparse.Namespace) -> Any:
+        """The driver value an alias given as `getattr(args, alias)` stands for (default: itself)."""
+        return getattr(args, alias)
+
+    @classmethod
+    def apply_flag_aliases(cls, args: argparse.Namespace, given: set[str]) -> None:
+        """Set the driver's flags from this strategy's official aliases of them (`flag_aliases`,
+        e.g. VAR's --bs for --global-batch-size); the training driver calls it first, before any
+        flag is read. An alias and its driver flag both given with different values is an error
+        naming both; an alias not given changes nothing."""
+        for alias, dest in cls.flag_aliases.items():
+            if alias not in given or getattr(args, alias, None) is None:
+                continue
+            value = cls.alias_value(alias, args)
+            if dest in given and getattr(args, dest) != value:
+                raise ValueError(f"--{alias.replace('_', '-')} {getattr(args, alias)} (= --{dest.replace('_', '-')} "
+                                 f"{value}) contradicts --{dest.replace('_', '-')} {getattr(args, dest)}: "
+                                 f"give one of them")
+            setattr(args, dest, value)
 
     @abstractmethod
     def build_model(self, gpt_model: str, **config: Any) -> nn.Module:

@@ -82,7 +82,7 @@ class LpdStrategy(Strategy):
         self.schedule = Schedule(order="lpd", step_schedule="lpd")
         self.cfg_schedule = "linear"
         self.train_schedules: list[list[int]] | None = None  # --group-sizes-list
-        self.label_drop_prob = 0.1  # the model's, set by build_model
+        self.label_drop_prob = 0.1  # training: --class-dropout-prob (the official label_drop_prob)
 
     # -- flags ------------------------------------------------------------------------------------
 
@@ -93,33 +93,31 @@ class LpdStrategy(Strategy):
                            help="lpd training: JSON file with the schedules one is drawn from per step (official "
                                 "--group_sizes_list); default: the official list of the grid")
 
-    def configure(self, args: argparse.Namespace) -> None:
-        """Read the shared schedule flags and `--group-sizes-list`; check an order file against the
-        grid and that `--steps` has a schedule, before any weight is loaded."""
+    def configure(self, args: argparse.Namespace, *, training: bool) -> None:
+        """Training: `--group-sizes-list` (each schedule checked against the grid) and the label
+        dropout. Sampling: the shared schedule flags; an order file is checked against the grid and
+        `--steps` must have a schedule, before any weight is loaded."""
+        n = (args.image_size // args.downsample_size) ** 2
+        if training:
+            path = args.group_sizes_list
+            if path is not None:
+                self.train_schedules = [list(s) for s in json.loads(Path(path).read_text())]
+                for s in self.train_schedules:
+                    check_group_sizes(s, n, what=f"a schedule of --group-sizes-list {path}")
+            self.label_drop_prob = args.class_dropout_prob
+            return
         self.schedule = Schedule.from_args(args, order="lpd", step_schedule="lpd")
-        self.cfg_schedule = getattr(args, "cfg_schedule", None) or "linear"
+        self.cfg_schedule = args.cfg_schedule or "linear"
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"lpd: unknown --cfg-schedule {self.cfg_schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
-        if getattr(args, "cfg_interval", -1) != -1:
+        if args.cfg_interval != -1:
             raise ValueError("lpd has no --cfg-interval: use --cfg-schedule linear or constant")
-        path = getattr(args, "group_sizes_list", None)
-        if path is not None:
-            self.train_schedules = [list(s) for s in json.loads(Path(path).read_text())]
-        if not hasattr(args, "image_size"):
-            return
-        n = (args.image_size // args.downsample_size) ** 2
-        if self.train_schedules is not None:
-            for s in self.train_schedules:
-                check_group_sizes(s, n, what=f"a schedule of --group-sizes-list {path}")
-        if "steps" in vars(args):  # sampling: resolve the schedule now, so a bad one fails before loading
-            self.schedule_sizes(n, args.steps)
+        self.schedule_sizes(n, args.steps)  # a bad schedule fails before any weight is loaded
 
     # -- model ------------------------------------------------------------------------------------
 
     def build_model(self, gpt_model: str, **config: Any) -> LPD:
-        model = build_lpd(gpt_model, **lpd_model_kwargs(config))
-        self.label_drop_prob = model.config.label_drop_prob
-        return model
+        return build_lpd(gpt_model, **lpd_model_kwargs(config))
 
     def load_official(self, model: LPD, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
         """Strict load; a `pos_embed` of another square grid is bicubic-resized first (official

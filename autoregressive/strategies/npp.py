@@ -55,12 +55,12 @@ class NppStrategy(RasterStrategy):
         group.add_argument("--end-lr", type=float, default=1e-5,
                            help="npp --scheduler: learning rate at each stage end")
 
-    def configure(self, args: argparse.Namespace) -> None:
+    def configure(self, args: argparse.Namespace, *, training: bool) -> None:
         """Training: build the stages and check that every stage's patches divide the token grid.
 
         The samplers have no `--epochs`: sampling is raster decoding, the patch flags play no role.
         """
-        if not hasattr(args, "epochs"):
+        if not training:
             return
         grid = args.image_size // args.downsample_size
         schedule = patch_schedule(args.patch_level, args.epochs, args.epoch_rate)

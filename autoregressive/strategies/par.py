@@ -45,7 +45,7 @@ class ParStrategy(RasterStrategy):
         group.add_argument("--ar-token-num", type=int, default=4,
                            help="PAR tokens per parallel step n = regions (a square): 4 or 16")
 
-    def configure(self, args: argparse.Namespace) -> None:
+    def configure(self, args: argparse.Namespace, *, training: bool) -> None:
         """Refuse an n that is not a square >= 4, S != n - 1, or a grid the regions do not divide.
 
         The grid is checked here when `args` carries the drivers' `--image-size` and

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from autoregressive.models.var import VAR, VAR_SIZES, build_var
 from autoregressive.decoding.group_decode import decode_in_groups
 from autoregressive.decoding.logits import Generator, cfg_enabled, cfg_labels, top_k_top_p_filter
-from autoregressive.strategies.base import Strategy, TrainingBatch
+from autoregressive.strategies.base import Generation, Strategy, TrainingBatch
 from dataset.codes import CodesError, code_dirs, read_meta
 from tokenizer.msvq import (PATCH_NUMS, MultiScaleQuantizer, MultiScaleVQVAE, load_msvq, msvq_identity,
                             parse_patch_nums)
@@ -83,6 +83,9 @@ class VarStrategy(Strategy):
     name = "var"
     model_sizes = VAR_SIZES
     arch_flags = ("depth", "saln", "anorm", "pn")
+    #: official optimisation flags (`utils/arg_util.py` of FoundationVision/VAR) -> the driver's.
+    flag_aliases = {"bs": "global_batch_size", "ep": "epochs", "twd": "weight_decay", "tclip": "max_grad_norm",
+                    "fp16": "mixed_precision", "tblr": "lr"}
 
     def __init__(self) -> None:
         self.tokenizer: MultiScaleVQVAE | None = None
@@ -93,7 +96,6 @@ class VarStrategy(Strategy):
         self.shared_aln, self.attn_l2_norm = False, True
         self.init: dict[str, float] | None = None
         self.schedule: dict[str, float] | None = None
-        self._smooth: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, f_hat) of more_smooth
 
     # -- flags (official names, utils/arg_util.py) -------------------------------------------------
 
@@ -130,8 +132,8 @@ class VarStrategy(Strategy):
         group.add_argument("--wpe", type=float, default=None, help="var: final lr factor (turns the schedule on)")
         group.add_argument("--sche", type=str, default="lin0", help="var: lr schedule after warm-up (lin0)")
 
-    def configure(self, args: argparse.Namespace) -> None:
-        """Resolve depth, patch_nums and the tokenizer; map the official aliases onto the driver's flags."""
+    def configure(self, args: argparse.Namespace, *, training: bool) -> None:
+        """Resolve depth, patch_nums and the tokenizer; in training, the official schedule (`--wpe`)."""
         gpt_model = getattr(args, "gpt_model", None)
         if gpt_model in VAR_SIZES:
             if args.depth is not None and args.depth != VAR_SIZES[gpt_model]:
@@ -146,7 +148,7 @@ class VarStrategy(Strategy):
         self.shared_aln, self.attn_l2_norm = bool(args.saln), bool(args.anorm)
         self.label_smooth, self.more_smooth = float(args.ls), bool(args.more_smooth)
         self.init = dict(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini)
-        self.schedule = self.official_schedule(args)
+        self.schedule = self.official_schedule(args) if training else None
         path = args.vae_ckpt or getattr(args, "vq_ckpt", None)
         if args.vae_ckpt and getattr(args, "vq_ckpt", None) and args.vae_ckpt != args.vq_ckpt:
             raise ValueError(f"--vae-ckpt {args.vae_ckpt} and --vq-ckpt {args.vq_ckpt} name different tokenizers")
@@ -192,22 +194,19 @@ class VarStrategy(Strategy):
         return nums
 
     @classmethod
-    def apply_flag_aliases(cls, args: argparse.Namespace) -> None:
-        """Official `--bs --ep --twd --tclip --fp16` set the driver's flags when given, and `--tblr`
-        sets `--lr = tblr * bs / 256` (official)."""
-        for alias, dest in (("bs", "global_batch_size"), ("ep", "epochs"), ("twd", "weight_decay"),
-                            ("tclip", "max_grad_norm")):
-            if getattr(args, alias, None) is not None:
-                setattr(args, dest, getattr(args, alias))
-        if getattr(args, "fp16", None) is not None:
-            args.mixed_precision = FP16[args.fp16]
-        if getattr(args, "tblr", None) is not None:
-            args.lr = args.tblr * args.global_batch_size / 256
+    def alias_value(cls, alias: str, args: argparse.Namespace) -> Any:
+        """`--fp16 N` is a --mixed-precision name; `--tblr` is the base lr: --lr = tblr * bs / 256
+        (official); the others are the driver's values as they are."""
+        if alias == "fp16":
+            return FP16[args.fp16]
+        if alias == "tblr":
+            return args.tblr * args.global_batch_size / 256
+        return getattr(args, alias)
 
     @staticmethod
     def official_schedule(args: argparse.Namespace) -> dict[str, Any] | None:
-        """The official lr / weight-decay schedule (`on_step`), on when `--wpe` is given in training."""
-        if args.wpe is None or not hasattr(args, "epochs"):
+        """The official lr / weight-decay schedule (`on_step`), on when `--wpe` is given."""
+        if args.wpe is None:
             return None
         twd = args.weight_decay
         return dict(epochs=args.epochs, wp=args.wp if args.wp is not None else args.epochs / 50, wp0=args.wp0,
@@ -277,12 +276,9 @@ class VarStrategy(Strategy):
                 raise ValueError(f"the VAR model was built for {what} {a}, but the VQVAE has {what} {b}")
 
     def decode_tokens(self, vq: nn.Module, tokens: torch.Tensor, grid: int) -> torch.Tensor:
-        """Concatenated per-scale ids (B, L) -> images in [-1, 1]; the soft f_hat when the tokens
-        come from the last `more_smooth` generation."""
+        """Concatenated per-scale ids (B, L) -> images in [-1, 1]."""
         if not isinstance(vq, MultiScaleVQVAE):
             raise TypeError(f"--strategy var decodes with VAR's multi-scale VQVAE, got a {type(vq).__name__}")
-        if self._smooth is not None and self._smooth[0] is tokens:
-            return vq.fhat_to_img(self._smooth[1].to(next(vq.parameters()).device))
         return vq.decode_indices(tokens, grid=(grid, grid))
 
     # -- model ------------------------------------------------------------------------------------
@@ -352,7 +348,7 @@ class VarStrategy(Strategy):
         """The architecture a training run of ours recorded in its `args`."""
         ns = argparse.Namespace(**{**args, "vae_ckpt": None, "vq_ckpt": None})
         probe = VarStrategy()
-        probe.configure(ns)
+        probe.configure(ns, training=False)
         out = probe.model_config(ns)
         out.pop("init")
         for k in ("vocab_size", "num_classes"):
@@ -408,12 +404,23 @@ class VarStrategy(Strategy):
                  generator: Generator | None = None,
                  record_logits: list | None = None, more_smooth: bool | None = None) -> torch.Tensor:
         """Sample the concatenated per-scale ids (B, L) for labels (B,); see `sample`."""
-        tokens, f_hat = self.sample(model, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
-                                    generator=generator, record_logits=record_logits, more_smooth=more_smooth)
-        smooth = self.more_smooth if more_smooth is None else more_smooth
-        self._smooth = (tokens, f_hat) if smooth else None
+        tokens, _ = self.sample(model, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                                temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
+                                generator=generator, record_logits=record_logits, more_smooth=more_smooth)
         return tokens
+
+    def generate_for_decoding(self, model: VAR, labels: torch.Tensor, **kwargs: Any) -> Generation:
+        """`sample`; with `more_smooth` the soft f_hat travels with the ids, for `decode_generation`."""
+        tokens, f_hat = self.sample(model, labels, **kwargs)
+        smooth = kwargs.get("more_smooth")
+        return Generation(tokens, f_hat if (self.more_smooth if smooth is None else smooth) else None)
+
+    def decode_generation(self, vq: nn.Module, generation: Generation, grid: int) -> torch.Tensor:
+        """The soft f_hat of a `more_smooth` generation decodes as it is (official
+        `fhat_to_img`); otherwise the ids."""
+        if generation.latent is not None:
+            return vq.fhat_to_img(generation.latent.to(next(vq.parameters()).device))
+        return self.decode_tokens(vq, generation.tokens, grid)
 
     @torch.no_grad()
     def sample(self, model: VAR, labels: torch.Tensor, *, cfg_scale: float = 1.0, cfg_interval: float = -1,

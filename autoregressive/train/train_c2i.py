@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -24,7 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 from torch.utils.data import DataLoader
 
-from autoregressive.strategies import add_strategy_arguments, get_strategy, model_size_names, strategy_names
+from autoregressive.strategies import (add_strategy_arguments, check_strategy_flags, get_strategy, model_size_names,
+                                      parse_driver_args, strategy_names)
 from dataset.codes import CodeDataset, check_codes_compatible
 from dataset.image_folder import check_class_index
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -35,7 +37,8 @@ from utils.parallel import (PARALLEL_MODES, clip_grad_norm, gradient_sync, is_sh
                             model_state_dict, optimizer_state_dict, wrap_model)
 from utils.training import (LR_SCHEDULES, MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
                             autocast_context, gather_rng_states, last_checkpoint, make_adamw,
-                            make_grad_scaler, new_run_dir, scheduled_lr, set_rng_state)
+                            make_grad_scaler, scheduled_lr, set_rng_state)
+from utils.run import given_flags, run_folder, take_from_checkpoint
 
 # The flags that fix the model's shape; a resumed run takes them from its checkpoint.
 ARCH_FLAGS = ("strategy", "gpt_model", "vocab_size", "cls_token_num", "image_size", "downsample_size",
@@ -62,19 +65,6 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the flags given on the command line (defaults excluded)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if action.nargs == 0:
-                kwargs["action"] = "store_const"
-                kwargs["const"] = action.const
-            probe.add_argument(*action.option_strings, **kwargs)
-    return set(vars(probe.parse_known_args(argv)[0]))
-
-
 def arch_flags(strategy_name: str) -> tuple[str, ...]:
     """The flags that fix the model's shape (the shared ones and the strategy's own) and the
     strategy's training-schedule flags: all taken from the checkpoint on resume."""
@@ -82,20 +72,240 @@ def arch_flags(strategy_name: str) -> tuple[str, ...]:
     return ARCH_FLAGS + tuple(strategy.arch_flags) + tuple(strategy.schedule_flags)
 
 
-def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] | None, logger) -> None:
-    """Architecture flags come from the checkpoint; one given on the command line that contradicts
-    it is an error (`explicit` None: every flag that differs from its default counts as given)."""
-    defaults = vars(build_parser().parse_args(["--code-path", "x"]))
+@dataclass
+class TrainState:
+    """What a training run carries from step to step, and what its checkpoints hold."""
+
+    model: torch.nn.Module  # wrapped (DDP / FSDP, maybe compiled): what the loss runs through
+    raw_model: torch.nn.Module  # unwrapped (FSDP: the sharded module itself), what is saved
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    guard: NonFiniteGuard
+    steps: int = 0  # optimizer steps taken
+    data_pos: int = 0  # optimizer-sized batches consumed, skipped ones included
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Before anything else: no flag of another strategy, the strategy's official aliases (VAR's
+    --bs, --ep, ...), and its official training recipe when none of its flags was given."""
+    check_strategy_flags(args.strategy, given)
+    cls = get_strategy(args.strategy)
+    cls.apply_flag_aliases(args, given)
+    if cls.training_recipe and not given & set(cls.training_recipe):
+        for k, v in cls.training_recipe.items():
+            setattr(args, k, v)
+
+
+def open_data(args: argparse.Namespace, strategy) -> tuple[CodeDataset, dict]:
+    """The code folder, checked against the flags before anything is written."""
+    data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size, seed=args.global_seed)
+    info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
+                                  codebook_size=args.vocab_size, num_tokens=strategy.code_length(args))
+    if data.class_to_idx is not None and len(data.class_to_idx) > args.num_classes:
+        raise ValueError(f"the codes have {len(data.class_to_idx)} classes but --num-classes is {args.num_classes}")
+    return data, info
+
+
+def open_run(args: argparse.Namespace, rank: int, world: int) -> tuple[Path, Path | None, dict | None]:
+    """(run folder, checkpoint to resume or None, its contents): `--resume RUN` continues that run
+    from its newest checkpoint, `--gpt-ckpt FILE` continues the run that wrote FILE, otherwise a
+    new `<results>/<NNN>-<model>-<strategy>` (made by rank 0, announced to all)."""
+    if args.resume:
+        run_dir, path = Path(args.resume), last_checkpoint(args.resume)
+    elif args.gpt_ckpt:
+        path = Path(args.gpt_ckpt)
+        run_dir = path.parent.parent
+    else:
+        return run_folder(args.results_dir, f"{args.gpt_model}-{args.strategy}", rank, world), None, None
+    return run_dir, path, (load_checkpoint(path) if path is not None else None)
+
+
+def take_run_settings(args: argparse.Namespace, given: set[str], ckpt: dict, path: Path, data: CodeDataset,
+                      logger) -> None:
+    """A resumed run keeps its architecture and schedule flags (a contradicting flag is an error)
+    and must read codes with the class map it was trained on."""
+    saved = ckpt["args"]
     flags = arch_flags(saved.get("strategy", args.strategy))
-    for k in flags:
-        given = getattr(args, k)
-        if k in saved and given != saved[k]:
-            if (k in explicit) if explicit is not None else given != defaults.get(k):
-                raise CheckpointError(f"--{k.replace('_', '-')} {given!r} contradicts the checkpoint being "
-                                      f"resumed, which was trained with {saved[k]!r}")
-            setattr(args, k, saved[k])
-    logger.info("architecture flags taken from the checkpoint: "
-                + ", ".join(f"{k}={getattr(args, k)}" for k in flags))
+    take_from_checkpoint(args, saved, flags, given, f"the checkpoint being resumed ({path})")
+    logger.info("architecture flags taken from the checkpoint: " + ", ".join(f"{k}={getattr(args, k)}" for k in flags))
+    if ckpt.get("class_to_idx") is not None:
+        check_class_index(ckpt["class_to_idx"], data.class_to_idx, f"the codes under {args.code_path}")
+    logger.info(f"resuming from {path} (step {ckpt['steps']})")
+
+
+def build_state(args: argparse.Namespace, strategy, ckpt: dict | None, path: Path | None, world: int,
+                rank: int, device: torch.device, logger) -> TrainState:
+    """Model (built, resumed, wrapped for DDP / FSDP, compiled), EMA, optimizer, scaler and the
+    non-finite guard; a checkpoint restores them all, the RNG states and the data position."""
+    model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
+    if args.ema and is_sharded(args.data_parallel):
+        raise ValueError(f"--ema needs the unsharded weights on every rank: use --data-parallel ddp "
+                         f"(the official FSDP script has no EMA either), not {args.data_parallel}")
+    ema = make_ema(model) if args.ema else None
+    scaler = make_grad_scaler(device, args.mixed_precision)
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    logger.info(f"{args.gpt_model} ({args.strategy}): {sum(p.numel() for p in model.parameters()):,} parameters")
+    steps = data_pos = 0
+    optimizer_state = None
+    if ckpt is not None:
+        strategy.load_official(model, ckpt["model"], what=f"resume checkpoint {path}")
+        if ema is not None:
+            strategy.load_official(ema, ckpt["ema"], what=f"resume checkpoint {path} (ema)")
+        saved_parallel = ckpt["args"].get("data_parallel", "ddp")
+        if is_sharded(saved_parallel) != is_sharded(args.data_parallel):
+            raise CheckpointError(f"{path} was written with --data-parallel {saved_parallel}; its optimizer "
+                                  f"state only resumes in the same family: pass --data-parallel {saved_parallel}")
+        optimizer_state = ckpt["optimizer"]
+        scaler.load_state_dict(ckpt["scaler"])
+        guard.load_state_dict(ckpt["nonfinite"])
+        steps, data_pos = int(ckpt["steps"]), int(ckpt["data_pos"])
+        rng = ckpt.get("rng", [])
+        if len(rng) == world:
+            set_rng_state(rng[rank])
+        else:
+            logger.info(f"the checkpoint holds RNG states of {len(rng)} ranks, this run has {world}: "
+                        f"dropout draws will differ from an uninterrupted run")
+
+    raw_model = model
+    model = wrap_model(model, args.data_parallel, world, device, args.mixed_precision, args.grad_precision)
+    if is_sharded(args.data_parallel):
+        raw_model = model  # sharded in place; its state dicts are gathered collectively
+        logger.info(f"FSDP ({args.data_parallel}): every transformer block sharded over {world} rank(s)")
+    optimizer = make_adamw(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    if optimizer_state is not None:
+        load_optimizer_state(model, optimizer, optimizer_state, args.data_parallel)
+    if args.compile if args.compile is not None else device.type == "cuda":
+        logger.info("compiling the model with torch.compile")
+        model = torch.compile(model)
+    return TrainState(model, raw_model, ema, optimizer, scaler, guard, steps, data_pos)
+
+
+def lr_setter(args: argparse.Namespace, strategy, steps_per_epoch: int):
+    """The driver's learning-rate schedule as a function of the data position, or None when the
+    rate stays constant or the strategy sets it itself (NPP --scheduler, VAR --wpe)."""
+    if args.lr_schedule != "constant" and strategy.owns_lr():
+        raise ValueError(f"--strategy {args.strategy} sets its own learning-rate schedule with the flags given "
+                         f"(NPP --scheduler, VAR --wpe): drop --lr-schedule {args.lr_schedule}")
+    # --warmup-epochs belongs to the strategy's own schedule when it has one (NPP's per-stage warm-up).
+    if strategy.owns_lr() or (args.lr_schedule == "constant" and not (args.warmup_epochs or 0) > 0):
+        return None
+
+    def set_lr(optimizer: torch.optim.Optimizer, data_pos: int) -> None:
+        lr = scheduled_lr(data_pos, steps_per_epoch, args.lr, args.lr_schedule, args.warmup_epochs or 0.0,
+                          args.min_lr, args.epochs, args.lr_decay_start_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    return set_lr
+
+
+def save(state: TrainState, args: argparse.Namespace, data: CodeDataset, steps_per_epoch: int, run_dir: Path,
+         rank: int, logger) -> None:
+    """A complete checkpoint of the run (every rank takes part: FSDP gathers the weights)."""
+    rng = gather_rng_states()
+    model_state = model_state_dict(state.raw_model, args.data_parallel)  # collective under FSDP
+    optimizer_state = optimizer_state_dict(state.raw_model, state.optimizer, args.data_parallel)
+    if rank == 0:
+        ckpt = {"model": model_state, "optimizer": optimizer_state, "scaler": state.scaler.state_dict(),
+                "steps": state.steps, "data_pos": state.data_pos, "epoch": state.data_pos / steps_per_epoch,
+                "args": vars(args), "rng": rng, "nonfinite": state.guard.state_dict(),
+                "class_to_idx": data.class_to_idx, "codes": data.describe()}
+        if state.ema is not None:
+            ckpt["ema"] = state.ema.state_dict()
+        path = save_checkpoint(ckpt, Path(run_dir) / "checkpoints" / f"{state.steps:07d}.pt")
+        logger.info(f"saved checkpoint {path}")
+    barrier()
+
+
+def train_loop(state: TrainState, args: argparse.Namespace, strategy, data: CodeDataset, micro_batch: int,
+               run_dir: Path, rank: int, world: int, device: torch.device, logger) -> None:
+    """Optimizer steps until `--epochs` (or `--max-steps`), logging and checkpointing on the way.
+
+    `data_pos` counts the optimizer-sized batches consumed, skipped ones included, so a resumed run
+    restarts exactly where the data stopped even after a non-finite step."""
+    accum = args.gradient_accumulation_steps
+    sampler = ResumableDistributedSampler(len(data), rank, world, micro_batch * accum,
+                                          seed=args.global_seed)  # one "batch" = one optimizer step on this rank
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    logger.info(f"{len(data):,} code files ({data.layout} layout), {steps_per_epoch} steps per epoch, "
+                f"{total_steps} steps in all")
+    set_lr = lr_setter(args, strategy, steps_per_epoch)
+    model, optimizer = state.model, state.optimizer
+    metrics = MetricsWriter(logger, run_dir if rank == 0 else None, enabled=rank == 0)
+    meter = Throughput(device)
+    loader_gen = torch.Generator().manual_seed(args.global_seed)  # worker seeds, off the global RNG
+    running_loss, running_n, grad_norm = torch.zeros((), device=device), 0, torch.zeros(())
+    bar = progress(total=total_steps, initial=state.steps, enabled=rank == 0, desc="train", unit="step")
+    model.train()
+    while state.steps < total_steps and state.data_pos < args.epochs * steps_per_epoch:
+        epoch, start_batch = divmod(state.data_pos, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch)
+        data.set_epoch(epoch)
+        loader = iter(DataLoader(data, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
+                                 pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
+        for _ in range(start_batch, steps_per_epoch):
+            stage_metrics = strategy.on_step(state.data_pos, steps_per_epoch, optimizer)  # e.g. NPP's stage and lr
+            if set_lr is not None:
+                set_lr(optimizer, state.data_pos)
+            finite = True
+            for micro in range(accum):
+                codes, labels = next(loader)
+                codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if not finite:
+                    continue  # consume the rest of a skipped step's micro-batches
+                gen = step_generator(args.global_seed, rank, state.data_pos * accum + micro, device)
+                with gradient_sync(model, args.data_parallel, enabled=micro == accum - 1):
+                    with autocast_context(device, args.mixed_precision):
+                        loss = strategy.training_loss(model, codes, labels, generator=gen)
+                    # Every rank decides together, or DDP's gradient all-reduce would hang.
+                    finite = all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() == 0
+                    if finite:
+                        state.scaler.scale(loss / accum).backward()
+                        running_loss += loss.detach()
+                        running_n += 1
+                        meter.add(codes.numel())
+            state.data_pos += 1
+            if not state.guard.check(finite, state.steps):
+                logger.info(f"step {state.steps}: non-finite loss, step skipped ({state.guard.total} so far)")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            state.scaler.unscale_(optimizer)
+            grad_norm = clip_grad_norm(state.raw_model, args.max_grad_norm)
+            state.scaler.step(optimizer)
+            state.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if state.ema is not None:
+                update_ema(state.ema, state.raw_model, decay=args.ema_decay)
+            state.steps += 1
+            bar.update(1)
+
+            if state.steps % args.log_every == 0 or state.steps == total_steps:
+                avg = all_reduce_mean(running_loss / max(running_n, 1)).item()
+                tok_s = all_reduce_sum(torch.tensor(meter.read_and_reset(), device=device)).item()
+                metrics.write(state.steps, {"train/loss": avg, "train/tokens_per_s": tok_s,
+                                            "train/lr": optimizer.param_groups[0]["lr"],
+                                            "train/grad_norm": float(grad_norm),
+                                            "train/nonfinite_steps": state.guard.total,
+                                            "train/epoch": state.data_pos / steps_per_epoch,
+                                            **{f"train/{k}": v for k, v in stage_metrics.items()}})
+                bar.set_postfix(loss=f"{avg:.4f}")
+                running_loss.zero_()
+                running_n = 0
+            if state.steps % args.ckpt_every == 0 or state.steps == total_steps:
+                save(state, args, data, steps_per_epoch, run_dir, rank, logger)
+            if state.steps >= total_steps:
+                break
+    bar.close()
+    metrics.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +313,11 @@ def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] 
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
-    """Train; `explicit` names the flags given on the command line (for resume checks)."""
-    get_strategy(args.strategy).apply_flag_aliases(args)  # e.g. VAR's official --bs/--ep/--tblr
+def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
+    """Train; `given` names the flags the user gave (default: those that differ from the defaults)."""
+    given = given if given is not None else given_flags(build_parser(), args=args)
+    resolve_flags(args, given)
+
     # Setup DDP ------------------------------------------------------------------------------
     dist_info = init_distributed(args.device)
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
@@ -118,198 +330,29 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # Data: checked before anything is written ----------------------------------------------
+    # Data and strategy flags: checked before anything is written -----------------------------
     strategy = get_strategy(args.strategy)
-    strategy.configure(args)  # bad strategy flags: refused before any folder exists
-    data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
-                       seed=args.global_seed)
-    codes_info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
-                                        codebook_size=args.vocab_size,
-                                        num_tokens=strategy.code_length(args))
-    if data.class_to_idx is not None and len(data.class_to_idx) > args.num_classes:
-        raise ValueError(f"the codes have {len(data.class_to_idx)} classes but --num-classes is {args.num_classes}")
+    strategy.configure(args, training=True)
+    data, codes_info = open_data(args, strategy)
 
     # Experiment folder: a new run, or the run being resumed ---------------------------------
-    resume_path = None
-    if args.resume:
-        run_dir = Path(args.resume)
-        resume_path = last_checkpoint(run_dir)
-    elif args.gpt_ckpt:
-        resume_path = Path(args.gpt_ckpt)
-        run_dir = resume_path.parent.parent
-    else:
-        run_dir = None
-    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-    if rank == 0 and run_dir is None:
-        run_dir = new_run_dir(args.results_dir, f"{args.gpt_model}-{args.strategy}")
-    if world > 1 and args.resume is None and args.gpt_ckpt is None:
-        holder = [str(run_dir) if rank == 0 else None]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        run_dir = Path(holder[0])
+    run_dir, resume_path, ckpt = open_run(args, rank, world)
     logger = create_logger("train_c2i", run_dir, rank)
     if codes_info.get("warning"):
         logger.info(f"codes: {codes_info['warning']}")
     if ckpt is not None:
-        check_resume_args(ckpt["args"], args, explicit, logger)
-        if ckpt.get("class_to_idx") is not None:
-            check_class_index(ckpt["class_to_idx"], data.class_to_idx, f"the codes under {args.code_path}")
-        logger.info(f"resuming from {resume_path} (step {ckpt['steps']})")
+        take_run_settings(args, given, ckpt, resume_path, data, logger)
+        strategy = get_strategy(args.strategy)  # configured for the flags the checkpoint fixed
+        strategy.configure(args, training=True)
     elif args.resume:
         logger.info(f"--resume {run_dir}: no complete checkpoint yet, starting from step 0")
     logger.info(f"run folder {run_dir}; world size {world}; device {device}; micro-batch {micro_batch}")
 
-    # Model, EMA, optimizer ------------------------------------------------------------------
-    if ckpt is not None:  # the architecture flags may have come from the checkpoint: configure for them
-        strategy = get_strategy(args.strategy)
-        strategy.configure(args)
-    model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
-    if args.ema and is_sharded(args.data_parallel):
-        raise ValueError(f"--ema needs the unsharded weights on every rank: use --data-parallel ddp "
-                         f"(the official FSDP script has no EMA either), not {args.data_parallel}")
-    ema = make_ema(model) if args.ema else None
-    scaler = make_grad_scaler(device, args.mixed_precision)
-    guard = NonFiniteGuard(args.max_nonfinite_steps)
-    logger.info(f"{args.gpt_model} ({args.strategy}): {sum(p.numel() for p in model.parameters()):,} parameters")
-
-    sampler = ResumableDistributedSampler(len(data), rank, world, micro_batch * args.gradient_accumulation_steps,
-                                          seed=args.global_seed)  # one "batch" = one optimizer step on this rank
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    logger.info(f"{len(data):,} code files ({data.layout} layout), {steps_per_epoch} steps per epoch, "
-                f"{total_steps} steps in all")
-
-    # Resume ---------------------------------------------------------------------------------
-    steps, data_pos = 0, 0
-    ckpt_loaded = ckpt is not None
-    if ckpt is not None:
-        strategy.load_official(model, ckpt["model"], what=f"resume checkpoint {resume_path}")
-        if ema is not None:
-            strategy.load_official(ema, ckpt["ema"], what=f"resume checkpoint {resume_path} (ema)")
-        saved_parallel = ckpt["args"].get("data_parallel", "ddp")
-        if is_sharded(saved_parallel) != is_sharded(args.data_parallel):
-            raise CheckpointError(f"{resume_path} was written with --data-parallel {saved_parallel}; its optimizer "
-                                  f"state only resumes in the same family: pass --data-parallel {saved_parallel}")
-        optimizer_state = ckpt["optimizer"]
-        scaler.load_state_dict(ckpt["scaler"])
-        guard.load_state_dict(ckpt["nonfinite"])
-        steps, data_pos = int(ckpt["steps"]), int(ckpt["data_pos"])
-        rng = ckpt.get("rng", [])
-        if len(rng) == world:
-            set_rng_state(rng[rank])
-        else:
-            logger.info(f"the checkpoint holds RNG states of {len(rng)} ranks, this run has {world}: "
-                        f"dropout draws will differ from an uninterrupted run")
-        del ckpt
-
-    raw_model = model
-    model = wrap_model(model, args.data_parallel, world, device, args.mixed_precision, args.grad_precision)
-    if is_sharded(args.data_parallel):
-        raw_model = model  # sharded in place; its state dicts are gathered collectively
-        logger.info(f"FSDP ({args.data_parallel}): every transformer block sharded over {world} rank(s)")
-    optimizer = make_adamw(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
-    if args.lr_schedule != "constant" and strategy.owns_lr():
-        raise ValueError(f"--strategy {args.strategy} sets its own learning-rate schedule with the flags given "
-                         f"(NPP --scheduler, VAR --wpe): drop --lr-schedule {args.lr_schedule}")
-    # --warmup-epochs belongs to the strategy's own schedule when it has one (NPP's per-stage warm-up).
-    driver_lr = not strategy.owns_lr() and (args.lr_schedule != "constant" or (args.warmup_epochs or 0) > 0)
-    if ckpt_loaded:
-        load_optimizer_state(model, optimizer, optimizer_state, args.data_parallel)
-        del optimizer_state
-    compile_on = args.compile if args.compile is not None else device.type == "cuda"
-    if compile_on:
-        logger.info("compiling the model with torch.compile")
-        model = torch.compile(model)
-
-    # Loop -----------------------------------------------------------------------------------
-    # `data_pos` counts the optimizer-sized batches consumed, skipped ones included, so a resumed
-    # run restarts exactly where the data stopped even after a non-finite step.
-    metrics = MetricsWriter(logger, run_dir if rank == 0 else None, enabled=rank == 0)
-    meter = Throughput(device)
-    loader_gen = torch.Generator().manual_seed(args.global_seed)  # worker seeds, off the global RNG
-    running_loss, running_n, grad_norm = torch.zeros((), device=device), 0, torch.zeros(())
-    accum = args.gradient_accumulation_steps
-    bar = progress(total=total_steps, initial=steps, enabled=rank == 0, desc="train", unit="step")
-    model.train()
-    while steps < total_steps and data_pos < args.epochs * steps_per_epoch:
-        epoch, start_batch = divmod(data_pos, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        data.set_epoch(epoch)
-        loader = iter(DataLoader(data, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                 pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
-        for _ in range(start_batch, steps_per_epoch):
-            stage_metrics = strategy.on_step(data_pos, steps_per_epoch, optimizer)  # e.g. NPP's patch stage and lr
-            if driver_lr:
-                lr = scheduled_lr(data_pos, steps_per_epoch, args.lr, args.lr_schedule, args.warmup_epochs or 0.0,
-                                  args.min_lr, args.epochs, args.lr_decay_start_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            finite = True
-            for micro in range(accum):
-                codes, labels = next(loader)
-                codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if not finite:
-                    continue  # consume the rest of a skipped step's micro-batches
-                gen = step_generator(args.global_seed, rank, data_pos * accum + micro, device)
-                sync = gradient_sync(model, args.data_parallel, enabled=micro == accum - 1)
-                with sync:
-                    with autocast_context(device, args.mixed_precision):
-                        loss = strategy.training_loss(model, codes, labels, generator=gen)
-                    # Every rank decides together, or DDP's gradient all-reduce would hang.
-                    finite = all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() == 0
-                    if finite:
-                        scaler.scale(loss / accum).backward()
-                        running_loss += loss.detach()
-                        running_n += 1
-                        meter.add(codes.numel())
-            data_pos += 1
-            if not guard.check(finite, steps):
-                logger.info(f"step {steps}: non-finite loss, step skipped ({guard.total} so far)")
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(raw_model, args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, raw_model, decay=args.ema_decay)
-            steps += 1
-            bar.update(1)
-
-            if steps % args.log_every == 0 or steps == total_steps:
-                avg = all_reduce_mean(running_loss / max(running_n, 1)).item()
-                tok_s = all_reduce_sum(torch.tensor(meter.read_and_reset(), device=device)).item()
-                metrics.write(steps, {"train/loss": avg, "train/tokens_per_s": tok_s,
-                                      "train/lr": optimizer.param_groups[0]["lr"],
-                                      "train/grad_norm": float(grad_norm), "train/nonfinite_steps": guard.total,
-                                      "train/epoch": data_pos / steps_per_epoch,
-                                      **{f"train/{k}": v for k, v in stage_metrics.items()}})
-                bar.set_postfix(loss=f"{avg:.4f}")
-                running_loss.zero_()
-                running_n = 0
-
-            if steps % args.ckpt_every == 0 or steps == total_steps:
-                rng = gather_rng_states()
-                model_state = model_state_dict(raw_model, args.data_parallel)  # collective under FSDP
-                optimizer_state = optimizer_state_dict(raw_model, optimizer, args.data_parallel)
-                if rank == 0:
-                    state = {"model": model_state, "optimizer": optimizer_state,
-                             "scaler": scaler.state_dict(), "steps": steps, "data_pos": data_pos,
-                             "epoch": data_pos / steps_per_epoch, "args": vars(args), "rng": rng,
-                             "nonfinite": guard.state_dict(), "class_to_idx": data.class_to_idx,
-                             "codes": data.describe()}
-                    if ema is not None:
-                        state["ema"] = ema.state_dict()
-                    path = save_checkpoint(state, Path(run_dir) / "checkpoints" / f"{steps:07d}.pt")
-                    logger.info(f"saved checkpoint {path}")
-                barrier()
-            if steps >= total_steps:
-                break
-    bar.close()
-    metrics.close()
-    logger.info(f"done: {steps} steps, {guard.total} non-finite step(s) skipped")
+    # Model, EMA, optimizer, loop ------------------------------------------------------------
+    state = build_state(args, strategy, ckpt, resume_path, world, rank, device, logger)
+    del ckpt
+    train_loop(state, args, strategy, data, micro_batch, run_dir, rank, world, device, logger)
+    logger.info(f"done: {state.steps} steps, {state.guard.total} non-finite step(s) skipped")
     cleanup()
     return Path(run_dir)
 
@@ -384,5 +427,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    parser = build_parser()
-    main(parser.parse_args(), explicit_flags(parser, sys.argv[1:]))
+    main(*parse_driver_args(build_parser()))
