@@ -118,3 +118,25 @@ def test_save_png_writes_the_official_png_folder(ckpts, tmp_path):
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(30)]
     with np.load(npz) as f:
         assert np.array_equal(np.asarray(Image.open(pngs[7])), f["arr_0"][7])
+
+
+def test_a_refused_run_writes_nothing_and_a_moved_folder_resumes(ckpts, tmp_path):
+    """A run refused for a bad flag leaves no folder behind, so the corrected rerun starts; a sample
+    folder moved elsewhere (with its checkpoint files moved too) resumes where it stopped."""
+    bad = run_sampler(ckpts, tmp_path / "a", extra=["--cfg-scale", "0.5"])
+    assert bad.returncode != 0 and not (tmp_path / "a").exists()
+    assert run_sampler(ckpts, tmp_path / "a").returncode == 0
+    folder = next(p for p in (tmp_path / "a").iterdir() if p.is_dir())
+    first = np.load(npz_of(tmp_path / "a"))["arr_0"]
+    for shard in sorted(folder.glob("shard_*.npz"))[4:]:
+        shard.unlink()  # as if the run had died half way
+    (tmp_path / "a").rename(tmp_path / "moved")
+    (npz_of(tmp_path / "moved")).unlink()
+    moved_ckpts = tmp_path / "ckpts"
+    moved_ckpts.mkdir()
+    for f in ("gpt.pt", "vq.pt"):
+        (moved_ckpts / f).write_bytes((ckpts / f).read_bytes())
+    res = run_sampler(moved_ckpts, tmp_path / "moved")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "4 already done" in res.stderr
+    assert np.array_equal(np.load(npz_of(tmp_path / "moved"))["arr_0"], first)

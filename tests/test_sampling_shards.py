@@ -66,6 +66,10 @@ def test_shards_resume_and_pack(tmp_path):
 
 def test_shard_folder_refuses_other_settings_and_names_them(tmp_path):
     claim_shard_folder(tmp_path / "s", {"cfg": 2.0, "seed": 0, "n": 10})
+    # no shard yet: other settings simply take the folder over (a refused first run blocks nothing)
+    claim_shard_folder(tmp_path / "s", {"cfg": 3.0, "seed": 0, "n": 10})
+    claim_shard_folder(tmp_path / "s", {"cfg": 2.0, "seed": 0, "n": 10})
+    write_shard(tmp_path / "s", 0, np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1, np.int64))
     claim_shard_folder(tmp_path / "s", {"cfg": 2.0, "seed": 0, "n": 20}, may_change=("n",))
     with pytest.raises(SettingsMismatch, match=r"\(cfg, seed\)"):
         claim_shard_folder(tmp_path / "s", {"cfg": 1.5, "seed": 1, "n": 20})

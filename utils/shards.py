@@ -73,19 +73,26 @@ class SettingsMismatch(RuntimeError):
     """A shard folder already holds shards made with other settings."""
 
 
+def check_shard_folder(folder: Path, settings: dict, may_change: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a folder whose shards were made with other settings (read-only).
+
+    Only finished shards matter: a folder with none (a refused or killed first run) takes any
+    settings. The error names every key that differs, `may_change` aside."""
+    settings_file = folder / "settings.json"
+    if not (settings_file.is_file() and finished_shards(folder)):
+        return
+    old = json.loads(settings_file.read_text())
+    differ = sorted(k for k in set(old) | set(settings) if k not in may_change and old.get(k) != settings.get(k))
+    if differ:
+        raise SettingsMismatch(f"{folder} holds shards made with other settings ({', '.join(differ)}); "
+                               f"use another --sample-dir or remove it")
+
+
 def claim_shard_folder(folder: Path, settings: dict, may_change: tuple[str, ...] = ()) -> None:
-    """Record `settings` in `folder/settings.json`, refusing a folder made with other settings.
+    """`check_shard_folder`, then record `settings` in `folder/settings.json` (creating the folder).
 
     Shards of two settings must never be packed together, so a rerun may only resume a folder whose
-    recorded settings agree on every key except `may_change`; the error names the keys that differ.
-    """
-    settings_file = folder / "settings.json"
-    if settings_file.is_file():
-        old = json.loads(settings_file.read_text())
-        differ = sorted(k for k in set(old) | set(settings)
-                        if k not in may_change and old.get(k) != settings.get(k))
-        if differ:
-            raise SettingsMismatch(f"{folder} holds shards made with other settings ({', '.join(differ)}); "
-                                   f"use another --sample-dir or remove it")
+    shards were made with settings that agree on every key except `may_change`."""
+    check_shard_folder(folder, settings, may_change)
     folder.mkdir(parents=True, exist_ok=True)
-    save_json(settings_file, settings)
+    save_json(folder / "settings.json", settings)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from autoregressive.decoding.fast_decode import DECODE_PATHS, make_runner
+from autoregressive.decoding.logits import check_cfg_scale
 from autoregressive.decoding.orders import add_schedule_arguments
 from autoregressive.decoding.row_rng import RowRNG, image_seeds
 from autoregressive.strategies import (Generation, Strategy, add_strategy_arguments, check_strategy_flags,
@@ -106,6 +107,24 @@ class Sampler:
             return self.strategy.decode_generation(self.vq, generation, self.grid).float()
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags that can be checked without a model: refused (ValueError naming the flag)
+    before anything is loaded or written."""
+    check_cfg_scale(args.cfg_scale)
+    for flag, ok, want in (("--image-size", args.image_size > 0 and args.image_size % args.downsample_size == 0,
+                            f"a positive multiple of --downsample-size {args.downsample_size}"),
+                           ("--downsample-size", args.downsample_size > 0, "positive"),
+                           ("--num-classes", args.num_classes >= 1, ">= 1"),
+                           ("--temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+                           ("--top-k", args.top_k >= 0, ">= 0 (0 = all tokens)"),
+                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1] (1 = all tokens)"),
+                           ("--steps", args.steps is None or args.steps >= 1, ">= 1"),
+                           ("--image-size-eval", (getattr(args, "image_size_eval", None) or 1) > 0, "positive")):
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag} must be {want}, got {value}")
+
+
 def load_sampler(args: argparse.Namespace, device: torch.device, given: set[str] | None = None) -> Sampler:
     """Load the tokenizer and the GPT strictly, check they fit together, and cast for `--precision`.
 
@@ -116,8 +135,7 @@ def load_sampler(args: argparse.Namespace, device: torch.device, given: set[str]
         add_sampling_args(probe)
         given = given_flags(probe, args=args)
     check_strategy_flags(args.strategy, given)
-    if args.image_size % args.downsample_size:
-        raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size {args.downsample_size}")
+    check_sampling_flags(args)
     strategy = get_strategy(args.strategy)
     strategy.configure(args, training=False)
     vq = strategy.load_tokenizer(args).to(device)  # LlamaGen VQ; VAR's multi-scale VQVAE

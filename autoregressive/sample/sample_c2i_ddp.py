@@ -28,12 +28,13 @@ if __package__ in (None, ""):
 import torch
 
 from autoregressive.decoding.row_rng import image_seeds
-from autoregressive.sample.common import add_sampling_args, load_sampler, sample_plan
+from autoregressive.sample.common import add_sampling_args, check_sampling_flags, load_sampler, sample_plan
 from autoregressive.strategies import parse_driver_args
-from utils.shards import claim_shard_folder, finished_shards, pack_npz, to_uint8, write_pngs, write_shard
 from utils.checkpoint import file_sha256, save_json
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
+from utils.shards import (SettingsMismatch, check_shard_folder, claim_shard_folder, finished_shards, pack_npz,
+                          to_uint8, write_pngs, write_shard)
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -56,30 +57,56 @@ def labels_and_seeds(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tens
     return labels, seeds
 
 
+#: flags that do not change the images: a sample folder resumes whatever they are (a moved
+#: folder or checkpoint file included; the checkpoints' SHA-256 stand for their contents).
+NOT_IMAGE_SETTINGS = ("device", "sample_dir", "gpt_ckpt", "vq_ckpt", "from_fsdp", "save_png")
+#: settings a rerun may change: more images, or the batch layout when no shard exists yet.
+MAY_CHANGE = ("num_fid_samples", "per_proc_batch_size")
+
+
+def image_settings(args: argparse.Namespace, rank: int) -> dict:
+    """What determines the images (rank 0 hashes the checkpoints), recorded with the shards."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_IMAGE_SETTINGS}
+    settings["gpt_ckpt_sha256"] = file_sha256(args.gpt_ckpt) if rank == 0 else None
+    settings["vq_ckpt_sha256"] = file_sha256(args.vq_ckpt) if rank == 0 else None
+    return settings
+
+
+def check_sample_folder(folder: Path, settings: dict, per_proc_batch_size: int) -> None:
+    """Refuse (read-only) a folder whose shards were made with other settings or batch size."""
+    settings_file = folder / "settings.json"
+    if settings_file.is_file() and finished_shards(folder):
+        old_bs = json.loads(settings_file.read_text()).get("per_proc_batch_size")
+        if old_bs not in (None, per_proc_batch_size):
+            raise SettingsMismatch(f"{folder} holds shards of --per-proc-batch-size {old_bs}; "
+                                   f"rerun with that batch size to resume")
+    check_shard_folder(folder, settings, may_change=MAY_CHANGE)
+
+
 def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     # Setup ----------------------------------------------------------------------------------
     info = init_distributed(args.device)
     rank, world, device = info.rank, info.world_size, info.device
     name = run_name(args)
     folder = Path(args.sample_dir) / name
-    logger = create_logger("sample", folder if rank == 0 else None, rank)
+    logger = create_logger("sample", None, rank)  # to the folder once the run is accepted
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Settings: refuse to mix shards written with other settings -----------------------------
-    settings = {k: v for k, v in vars(args).items() if k not in ("device",)}
-    settings["gpt_ckpt_sha256"] = file_sha256(args.gpt_ckpt) if rank == 0 else None
-    settings["vq_ckpt_sha256"] = file_sha256(args.vq_ckpt) if rank == 0 else None
-    settings_file = folder / "settings.json"
+    # Checks before anything is written: counts, shards of other settings, the models -----------
+    for flag in ("num_fid_samples", "per_proc_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_sampling_flags(args)
+    settings = image_settings(args, rank)
     if rank == 0:
-        old_bs = json.loads(settings_file.read_text())["per_proc_batch_size"] if settings_file.is_file() else None
-        if old_bs not in (None, args.per_proc_batch_size) and finished_shards(folder):
-            raise RuntimeError(f"{folder} holds shards of --per-proc-batch-size {old_bs}; "
-                               f"rerun with that batch size to resume")
-        claim_shard_folder(folder, settings, may_change=("num_fid_samples", "per_proc_batch_size"))
-    barrier()
-
-    # Models -----------------------------------------------------------------------------------
+        check_sample_folder(folder, settings, args.per_proc_batch_size)
     sampler = load_sampler(args, device, given)
+    if rank == 0:
+        claim_shard_folder(folder, settings, may_change=MAY_CHANGE)
+    barrier()
+    logger = create_logger("sample", folder if rank == 0 else None, rank)
+
+    # Plan -------------------------------------------------------------------------------------
     labels, seeds = labels_and_seeds(args)
     total, bs = len(labels), args.per_proc_batch_size
     num_batches = math.ceil(total / bs)
