@@ -261,10 +261,10 @@ def test_cli_reports_offline_failure_and_lists(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = str(ROOT / "scripts" / "download_models.py")
     r = subprocess.run([sys.executable, script, "vq_ds16_c2i.pt", "--dest", str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=60)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "HF_HUB_OFFLINE=1 is set" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, script, "--list", "--method", "par"],
-                       capture_output=True, text=True, env=env, timeout=60)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 4 and "PAR-3B-16x.pt" in r.stdout
 
 

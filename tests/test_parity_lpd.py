@@ -30,7 +30,7 @@ def build_fixture_model(fx: dict) -> LPD:
 def check_forward(fx, inp, out, tol):
     model = build_fixture_model(fx)
     assert inp["training_mode"] == (inp["label_drop_prob"] == 1.0)  # the dropped case drops every label
-    drop = torch.ones(2, dtype=torch.bool) if inp["label_drop_prob"] == 1.0 else None
+    drop = torch.ones(inp["x"].shape[0], dtype=torch.bool) if inp["label_drop_prob"] == 1.0 else None
     sizes = inp["group_sizes"]
     x = model.training_sequence(inp["x"], inp["labels"], inp["orders"], sizes, drop)
     assert_close(x, out["block_input"], tol, "block input")
@@ -50,7 +50,7 @@ def check_forward(fx, inp, out, tol):
 
 def check_generate(fx, inp, out, tol):
     model = build_fixture_model(fx)
-    assert inp["top_k"] == 1 and inp["bsz"] == 2
+    assert inp["top_k"] == 1 and inp["bsz"] == inp["orders"].shape[0]
     assert torch.equal(block_causal_mask([1] + inp["group_sizes"]), inp["attn_mask"] == 0), "block-causal mask"
     guided, head = [], []
     tokens = decode_lpd(model, inp["labels"], inp["orders"], inp["group_sizes"], cfg_scale=inp["cfg"],
@@ -83,7 +83,8 @@ def check_interpolation(fx, inp, out, tol):
     new = interpolate_pos_embed(inp["pos_embed_checkpoint"], inp["new_seq_len"], mode=inp["mode"])
     assert_close(new, out["pos_embed"], tol, "interpolated pos_embed")
     # The loader applies it when a checkpoint's grid differs from the model's.
-    model = LPD(LPDConfig(dim=64, n_layer=1, n_head=4, num_classes=10, vocab_size=32, block_size=inp["new_seq_len"]))
+    width = inp["pos_embed_checkpoint"].shape[-1]  # the loader only reads the model's pos_embed shape
+    model = LPD(LPDConfig(dim=width, n_layer=1, n_head=1, num_classes=10, vocab_size=32, block_size=inp["new_seq_len"]))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     weights["pos_embed"] = inp["pos_embed_checkpoint"]
     LPD_STRATEGY.load_official(model, weights, what="4x4 checkpoint")

@@ -93,7 +93,8 @@ def check_lr_scheduler(inp, out, tol):
     assert_close(mult, out["lr_multiplier"], tol, "lr multiplier")
     # Through the strategy's driver hook: the learning rate each optimizer step runs with.
     npp = get_strategy("npp")
-    npp.configure(argparse.Namespace(image_size=64, downsample_size=16, patch_level=inp["patch_level"],
+    side = math.isqrt(schedule.patch_sizes[0])  # the schedule is grid-free: any grid its patches tile
+    npp.configure(argparse.Namespace(image_size=16 * side, downsample_size=16, patch_level=inp["patch_level"],
                                      epochs=inp["epochs"], epoch_rate=inp["epoch_rate"], scheduler=True,
                                      lr=inp["lr"], end_lr=inp["end_lr"], warmup_epochs=inp["warmup_epochs"],
                                      decay_ratio=inp["decay_ratio"]), training=True)
