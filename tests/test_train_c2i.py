@@ -160,3 +160,29 @@ def test_lr_schedule_is_followed_and_refused_where_the_strategy_owns_it(tmp_path
     bad = run(train_cmd(codes, tmp_path / "b", "--strategy", "npp", "--patch-level", "2", "--scheduler",
                         "--epochs", "2", "--lr-schedule", "cosine"))
     assert bad.returncode != 0 and "sets its own learning-rate schedule" in bad.stderr
+
+
+def test_resume_refuses_a_typo_and_falls_back_over_a_truncated_checkpoint(tmp_path):
+    """`--resume` of a folder that does not exist is an error (no fresh run is started there); a run
+    whose newest checkpoint is truncated resumes from the newest readable one, with a warning."""
+    codes = write_codes(tmp_path / "codes")
+    common = ("--epochs", "1", "--max-steps", "4", "--ckpt-every", "2", "--log-every", "2")
+    typo = tmp_path / "results" / "000-GPT-debg-raster"
+    res = run(train_cmd(codes, tmp_path / "results", *common, "--resume", str(typo)))
+    assert res.returncode != 0 and "no such folder" in res.stderr and not typo.exists()
+    assert run(train_cmd(codes, tmp_path / "results", *common)).returncode == 0
+    run_dir = next((tmp_path / "results").iterdir())
+    newest = run_dir / "checkpoints" / "0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a truncated file under the final name
+    res = run(train_cmd(codes, tmp_path / "results", "--epochs", "1", "--max-steps", "6", "--ckpt-every", "2",
+                        "--log-every", "2", "--resume", str(run_dir)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "passing over the unreadable checkpoint" in res.stderr and "0000002.pt instead" in res.stderr
+    assert load_checkpoint(run_dir / "checkpoints" / "0000006.pt")["steps"] == 6
+
+
+def test_a_model_that_cannot_be_built_is_refused_before_the_run_folder(tmp_path):
+    codes = write_codes(tmp_path / "codes")
+    res = run(train_cmd(codes, tmp_path / "results", "--max-steps", "1", "--gpt-model", "ARPG-debug"))
+    assert res.returncode != 0 and "unknown --gpt-model 'ARPG-debug'" in res.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())

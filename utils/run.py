@@ -4,16 +4,18 @@
   call every value that differs from the parser's default).
 - `take_from_checkpoint`: the one rule for the architecture of a resumed run. The checkpoint's
   recorded value wins; a flag the user gave with another value is an error naming both values.
-- `run_folder`: a new `<results>/<NNN>-<name>` made by rank 0 and announced to every rank, or the
-  folder of the run being resumed.
+- `run_folder`: a new `<results>/<NNN>-<name>` made by rank 0 and announced to every rank.
+- `resume_point`: the checkpoint `--resume RUN` continues from (the newest readable one).
 """
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.training import new_run_dir
 
 
@@ -84,3 +86,47 @@ def run_folder(results_dir: str | Path, name: str, rank: int, world: int) -> Pat
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
     return Path(run_dir)
+
+
+@dataclass
+class ResumePoint:
+    """Where `--resume RUN` continues: the newest readable checkpoint (None: the run stopped before
+    its first one) and what was passed over on the way, for the log."""
+
+    path: Path | None
+    ckpt: dict | None
+    warnings: list[str]
+
+
+def resume_point(run_dir: str | Path, kind_of_run: Callable[[dict], str | None], what: str) -> ResumePoint:
+    """The checkpoint `--resume run_dir` continues from, the same rule in both trainers.
+
+    A folder that does not exist, or holds neither checkpoints nor a run log, is an error (a typo
+    must not start a fresh run). A newest checkpoint that cannot be read (truncated, corrupt) is
+    passed over with a warning for the next older one. `kind_of_run(ckpt)` returns None for a
+    checkpoint of this trainer, else what it is instead (an error: another kind of run).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"--resume {run_dir}: no such folder; pass the run folder a previous run made "
+                         f"(e.g. results/000-...), or drop --resume to start a new run")
+    ckpts = sorted((run_dir / "checkpoints").glob("[0-9]" * 7 + ".pt"))
+    if not ckpts:
+        if not (run_dir / "log.txt").is_file():
+            raise ValueError(f"--resume {run_dir}: not a {what} run folder (no checkpoints/, no log.txt)")
+        return ResumePoint(None, None, [f"--resume {run_dir}: no checkpoint yet, starting from step 0"])
+    warnings = []
+    for path in reversed(ckpts):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.append(f"passing over the unreadable checkpoint {path} ({e})")
+            continue
+        other = kind_of_run(ckpt) if isinstance(ckpt, dict) else "not a checkpoint dict"
+        if other is not None:
+            raise ValueError(f"--resume {run_dir}: {path.name} is {other}, not a {what} checkpoint")
+        if warnings:
+            warnings.append(f"resuming from the newest readable checkpoint {path} instead")
+        return ResumePoint(path, ckpt, warnings)
+    raise CheckpointError(f"--resume {run_dir}: none of its {len(ckpts)} checkpoints can be read: "
+                          + "; ".join(warnings))

@@ -36,9 +36,9 @@ from utils.logger import create_logger, progress
 from utils.parallel import (PARALLEL_MODES, clip_grad_norm, gradient_sync, is_sharded, load_optimizer_state,
                             model_state_dict, optimizer_state_dict, wrap_model)
 from utils.training import (LR_SCHEDULES, MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
-                            autocast_context, gather_rng_states, last_checkpoint, make_adamw,
+                            autocast_context, gather_rng_states, make_adamw,
                             make_grad_scaler, scheduled_lr, set_rng_state)
-from utils.run import given_flags, run_folder, take_from_checkpoint
+from utils.run import given_flags, resume_point, run_folder, take_from_checkpoint
 
 # The flags that fix the model's shape; a resumed run takes them from its checkpoint.
 ARCH_FLAGS = ("strategy", "gpt_model", "vocab_size", "cls_token_num", "image_size", "downsample_size",
@@ -112,18 +112,32 @@ def open_data(args: argparse.Namespace, strategy) -> tuple[CodeDataset, dict]:
     return data, info
 
 
-def open_run(args: argparse.Namespace, rank: int, world: int) -> tuple[Path, Path | None, dict | None]:
-    """(run folder, checkpoint to resume or None, its contents): `--resume RUN` continues that run
-    from its newest checkpoint, `--gpt-ckpt FILE` continues the run that wrote FILE, otherwise a
-    new `<results>/<NNN>-<model>-<strategy>` (made by rank 0, announced to all)."""
+def kind_of_run(ckpt: dict) -> str | None:
+    """None for a checkpoint this trainer wrote, else what it is."""
+    args = ckpt.get("args")
+    if isinstance(args, dict) and "strategy" in args and "data_pos" in ckpt:
+        return None
+    if "vq_config" in ckpt or "msvq_config" in ckpt:
+        return "a tokenizer checkpoint (tokenizer/train_vq.py)"
+    return "not a checkpoint of train_c2i.py"
+
+
+def open_run(args: argparse.Namespace, rank: int, world: int) -> tuple[Path, Path | None, dict | None, list[str]]:
+    """(run folder, checkpoint to resume or None, its contents, warnings for the log): `--resume
+    RUN` continues that run from its newest readable checkpoint, `--gpt-ckpt FILE` continues the
+    run that wrote FILE, otherwise a new `<results>/<NNN>-<model>-<strategy>` (made by rank 0)."""
     if args.resume:
-        run_dir, path = Path(args.resume), last_checkpoint(args.resume)
-    elif args.gpt_ckpt:
+        point = resume_point(args.resume, kind_of_run, "train_c2i.py")
+        return Path(args.resume), point.path, point.ckpt, point.warnings
+    if args.gpt_ckpt:
         path = Path(args.gpt_ckpt)
-        run_dir = path.parent.parent
-    else:
-        return run_folder(args.results_dir, f"{args.gpt_model}-{args.strategy}", rank, world), None, None
-    return run_dir, path, (load_checkpoint(path) if path is not None else None)
+        ckpt = load_checkpoint(path)
+        other = kind_of_run(ckpt) if isinstance(ckpt, dict) else "not a checkpoint dict"
+        if other is not None:
+            raise ValueError(f"--gpt-ckpt {path} is {other}: to continue a training run pass one of its "
+                             f"checkpoints/*.pt (or --resume RUN)")
+        return path.parent.parent, path, ckpt, []
+    return run_folder(args.results_dir, f"{args.gpt_model}-{args.strategy}", rank, world), None, None, []
 
 
 def take_run_settings(args: argparse.Namespace, given: set[str], ckpt: dict, path: Path, data: CodeDataset,
@@ -334,18 +348,21 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     strategy = get_strategy(args.strategy)
     strategy.configure(args, training=True)
     data, codes_info = open_data(args, strategy)
+    if not (args.resume or args.gpt_ckpt):  # a resumed run takes its architecture from its checkpoint first
+        with torch.device("meta"):  # size, grid and strategy flags fit together, before any folder exists
+            strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args))
 
     # Experiment folder: a new run, or the run being resumed ---------------------------------
-    run_dir, resume_path, ckpt = open_run(args, rank, world)
+    run_dir, resume_path, ckpt, notes = open_run(args, rank, world)
     logger = create_logger("train_c2i", run_dir, rank)
+    for note in notes:
+        logger.warning(note)
     if codes_info.get("warning"):
         logger.info(f"codes: {codes_info['warning']}")
     if ckpt is not None:
         take_run_settings(args, given, ckpt, resume_path, data, logger)
         strategy = get_strategy(args.strategy)  # configured for the flags the checkpoint fixed
         strategy.configure(args, training=True)
-    elif args.resume:
-        logger.info(f"--resume {run_dir}: no complete checkpoint yet, starting from step 0")
     logger.info(f"run folder {run_dir}; world size {world}; device {device}; micro-batch {micro_batch}")
 
     # Model, EMA, optimizer, loop ------------------------------------------------------------
