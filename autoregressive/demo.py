@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from autoregressive.strategies import parse_driver_args, strategy_names
+from utils.cli import run_cli
 from utils.logger import create_logger, progress
 from utils.training import last_checkpoint
 
@@ -549,4 +550,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from utils.cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "pretrained_models" / "presets.json"
 #: sample_flags whose value names a file of the checkpoint registry.
@@ -147,4 +149,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli(main, build_parser().parse_args())

@@ -32,6 +32,7 @@ from evaluations.c2i.features import TorchInceptionBackend, compute_activations 
 from evaluations.c2i.inception_torch import InceptionV3ADM  # noqa: E402
 from evaluations.c2i.statistics import compute_statistics, inception_score, precision_recall  # noqa: E402
 from evaluations.digits_classifier import DigitsClassifier, digits_backend  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 FULL = 50_000
 
@@ -148,4 +149,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli(main, build_parser().parse_args())

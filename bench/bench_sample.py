@@ -66,6 +66,7 @@ from autoregressive.decoding.row_rng import RowRNG, image_seeds  # noqa: E402
 from autoregressive.sample.common import add_sampling_args  # noqa: E402
 from autoregressive.strategies import STRATEGIES, get_strategy  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 @dataclass
@@ -502,4 +503,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args(), sys.argv[1:])
+    run_cli(main, build_parser().parse_args(), sys.argv[1:])

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.download import DownloadError, download_checkpoint, list_checkpoints, registry_markdown  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,4 +59,4 @@ if __name__ == "__main__":
     parser.add_argument("--dest", default="pretrained_models", help="folder the files go to")
     parser.add_argument("--list", action="store_true", help="list the known files and exit")
     parser.add_argument("--markdown", action="store_true", help="print the README table and exit")
-    sys.exit(main(parser.parse_args()))
+    sys.exit(run_cli(main, parser.parse_args()))

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.cli import UserError
+
 # Globals that official checkpoints pickle besides tensors. Nothing here can execute code on load.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: wrong method, wrong size, unreadable, or corrupt."""
 
 

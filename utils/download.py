@@ -27,6 +27,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from utils.cli import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = ROOT / "pretrained_models" / "checkpoints.json"
 NO_CHECKSUM = "none published"
@@ -36,7 +38,7 @@ TIMEOUT_S = 60  # socket timeout of one request (connect and each read)
 log = logging.getLogger(__name__)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download that cannot complete: no network, HTTP error, truncated stream or bad checksum."""
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.checkpoint import atomic_write, save_json, save_npz
+from utils.cli import UserError
 
 
 def to_uint8(images: torch.Tensor, image_size_eval: int | None = None) -> np.ndarray:
@@ -69,7 +70,7 @@ def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
     return save_npz(out_path, arr_0=arr, labels=lab)
 
 
-class SettingsMismatch(RuntimeError):
+class SettingsMismatch(UserError, RuntimeError):
     """A shard folder already holds shards made with other settings."""
 
 

@@ -37,6 +37,7 @@ from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
 from autoregressive.strategies import parse_driver_args
+from utils.cli import run_cli
 from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.sample.sample_c2i import make_grid
 from autoregressive.decoding.row_rng import image_seeds
@@ -153,8 +154,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    parser = build_parser()
-    try:
-        main(*parse_driver_args(parser))
-    except ValueError as err:
-        parser.error(str(err))
+    run_cli(main, *parse_driver_args(build_parser()))

@@ -17,6 +17,7 @@ from typing import Sequence
 from autoregressive.decoding.lpd_order import OFFICIAL_REPULSION, generate_orders
 from autoregressive.decoding.orders import STEP_SCHEDULES, parse_group_sizes, resolve_group_sizes, save_orders
 from autoregressive.decoding.schedules import check_group_sizes
+from utils.cli import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -53,4 +54,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

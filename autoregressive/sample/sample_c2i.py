@@ -22,6 +22,7 @@ from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
 from autoregressive.strategies import parse_driver_args
+from utils.cli import run_cli
 from autoregressive.decoding.row_rng import image_seeds
 from utils.shards import to_uint8
 from utils.distributed import init_distributed
@@ -73,4 +74,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(*parse_driver_args(build_parser()))
+    run_cli(main, *parse_driver_args(build_parser()))

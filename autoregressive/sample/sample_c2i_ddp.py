@@ -31,6 +31,7 @@ from autoregressive.decoding.row_rng import image_seeds
 from autoregressive.sample.common import add_sampling_args, check_sampling_flags, load_sampler, sample_plan
 from autoregressive.strategies import parse_driver_args
 from utils.checkpoint import file_sha256, save_json
+from utils.cli import run_cli
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
 from utils.shards import (SettingsMismatch, check_shard_folder, claim_shard_folder, finished_shards, pack_npz,
@@ -160,4 +161,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(*parse_driver_args(build_parser()))
+    run_cli(main, *parse_driver_args(build_parser()))

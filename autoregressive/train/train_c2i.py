@@ -30,6 +30,7 @@ from autoregressive.strategies import (add_strategy_arguments, check_strategy_fl
 from dataset.codes import CodeDataset, check_codes_compatible
 from dataset.image_folder import check_class_index
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.cli import run_cli
 from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.ema import make_ema, update_ema
 from utils.logger import create_logger, progress
@@ -444,4 +445,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(*parse_driver_args(build_parser()))
+    run_cli(main, *parse_driver_args(build_parser()))

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `python evaluations/c2i/convert.py`
 from evaluations.c2i.graphdef import GraphDefError, read_constants  # noqa: E402
 from evaluations.c2i.inception_torch import InceptionV3ADM, tf_scope_table  # noqa: E402
 from utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.cli import UserError, run_cli  # noqa: E402
 from utils.download import download_url  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ CONVERTED_PATH = WEIGHTS_DIR / "inception-2015-12-05-adm.pth"  # what `convert` 
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
     """Inception weights that are missing, corrupt or of another network; says what to do."""
 
 
@@ -181,4 +182,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

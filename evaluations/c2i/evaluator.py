@@ -24,6 +24,7 @@ from evaluations.c2i.features import TorchInceptionBackend  # noqa: E402
 from evaluations.c2i.metrics import Metrics, evaluate_npz  # noqa: E402
 from evaluations.c2i.statistics import IS_SPLIT_SIZE  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 def build_backend(kind: str, weights: str | None, batch_size: int, device: str | None):
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> Metrics:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
