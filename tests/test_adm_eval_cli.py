@@ -152,4 +152,10 @@ def test_command_line_torch_backend(tmp_path, capsys):
     report = (tmp_path / "samples.txt").read_text().splitlines()
     assert report[:5] == m.lines() and report[5] == "Feature backend: torch (w.pth)"
     with pytest.raises(InceptionWeightsError, match="no Inception weights"):
-        evaluator.main([str(ref), str(sample), "--backend", "torch", "--weights", str(tmp_path / "none.pth")])
+        evaluator.main([str(ref), str(sample), "--backend", "torch", "--weights", str(tmp_path / "none.pth"),
+                        "--is-split-size", "5"])
+    # A batch that cannot be used is refused before the weights are looked for (or downloaded).
+    nchw = savez(tmp_path / "nchw.npz", arr_0=images(5, size=24, seed=2).transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="looks like NCHW"):
+        evaluator.main([str(ref), str(nchw), "--backend", "torch", "--weights", str(tmp_path / "none.pth"),
+                        "--is-split-size", "5"])

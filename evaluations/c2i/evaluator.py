@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from evaluations.c2i.convert import CONVERTED_PATH, build_inception  # noqa: E402
 from evaluations.c2i.features import TorchInceptionBackend  # noqa: E402
-from evaluations.c2i.metrics import Metrics, evaluate_npz  # noqa: E402
+from evaluations.c2i.metrics import Metrics, check_batches, evaluate_npz  # noqa: E402
 from evaluations.c2i.statistics import IS_SPLIT_SIZE  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> Metrics:
     parser.add_argument("--no-cache", action="store_true",
                         help="do not read or write the reference statistics cache")
     args = parser.parse_args(argv)
+    if args.is_split_size < 1 or args.batch_size < 1:
+        raise ValueError("--is-split-size and --batch-size must be >= 1")
+    check_batches(args.ref_batch, args.sample_batch, args.is_split_size)  # before any weights are fetched
 
     backend = build_backend(args.backend, args.weights, args.batch_size, args.device)
     print(f"feature backend: {backend.name}")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evaluations.c2i.features import Activations, FeatureBackend, compute_activations
-from evaluations.c2i.npz_io import BatchFormatError, batch_info, iter_images
+from evaluations.c2i.npz_io import BatchFormatError, BatchInfo, batch_info, iter_images
 from evaluations.c2i.reference import ReferenceStats, reference_statistics
 from evaluations.c2i.statistics import (IS_SPLIT_SIZE, ManifoldEstimator, compute_statistics,
                                         inception_score)
@@ -39,20 +39,26 @@ class Metrics:
 
 
 def compute_metrics(ref: ReferenceStats, sample: Activations, backend_name: str,
-                    split_size: int = IS_SPLIT_SIZE, estimator: ManifoldEstimator | None = None) -> Metrics:
-    """IS, FID, sFID, precision, recall of `sample` against `ref` (official definitions)."""
+                    split_size: int = IS_SPLIT_SIZE, estimator: ManifoldEstimator | None = None,
+                    log=None) -> Metrics:
+    """IS, FID, sFID, precision, recall of `sample` against `ref` (official definitions); `log`
+    (e.g. print) announces each phase, the slow k-NN passes of precision/recall included."""
+    log = log or (lambda msg: None)
     n = len(sample.pool)
     if n < split_size:
         raise ValueError(
             f"{n} samples are fewer than one Inception Score split ({split_size}); published ADM "
             f"numbers use 50,000 samples (10 splits). Evaluate more samples, or pass a smaller "
             f"split size (--is-split-size {n}) knowing the number is not comparable")
+    log("computing FID: sample statistics and the Frechet distance...")
     sample_stats = compute_statistics(sample.pool)
     fid = sample_stats.frechet_distance(ref.stats)
     sfid = None
     if sample.spatial is not None and ref.spatial_stats is not None:
+        log("computing sFID: spatial statistics and the Frechet distance...")
         sfid = compute_statistics(sample.spatial).frechet_distance(ref.spatial_stats)
-    est = estimator or ManifoldEstimator()
+    log(f"computing precision/recall: k-NN manifolds of {len(ref.pool):,} reference and {n:,} sample features...")
+    est = estimator or ManifoldEstimator(show_progress=log is not None)
     radii_ref = est.manifold_radii(ref.pool)
     radii_sample = est.manifold_radii(sample.pool)
     precision, recall, _, _ = est.evaluate_pr(ref.pool, radii_ref, sample.pool, radii_sample)
@@ -60,10 +66,9 @@ def compute_metrics(ref: ReferenceStats, sample: Activations, backend_name: str,
                    float(recall[0]), backend_name, n, len(ref.pool))
 
 
-def evaluate_npz(ref_path: str | Path, sample_path: str | Path, backend: FeatureBackend,
-                 split_size: int = IS_SPLIT_SIZE, use_cache: bool = True, show_progress: bool = True,
-                 estimator: ManifoldEstimator | None = None, log=print) -> Metrics:
-    """The whole evaluation of `sample_path` against `ref_path` with `backend`."""
+def check_batches(ref_path: str | Path, sample_path: str | Path, split_size: int = IS_SPLIT_SIZE) -> BatchInfo:
+    """Both batches readable, uint8 NHWC RGB, of one image size, and enough samples for one
+    Inception Score split: checked from the headers alone, before any weights are needed."""
     ref_info, sample_info = batch_info(ref_path), batch_info(sample_path)
     if (ref_info.height, ref_info.width) != (sample_info.height, sample_info.width):
         raise BatchFormatError(
@@ -76,10 +81,18 @@ def evaluate_npz(ref_path: str | Path, sample_path: str | Path, backend: Feature
             f"{sample_path}: {sample_info.num_images} samples are fewer than one Inception Score "
             f"split ({split_size}); published ADM numbers use 50,000 samples. Evaluate more samples, "
             f"or pass --is-split-size {sample_info.num_images} knowing the number is not comparable")
+    return sample_info
+
+
+def evaluate_npz(ref_path: str | Path, sample_path: str | Path, backend: FeatureBackend,
+                 split_size: int = IS_SPLIT_SIZE, use_cache: bool = True, show_progress: bool = True,
+                 estimator: ManifoldEstimator | None = None, log=print) -> Metrics:
+    """The whole evaluation of `sample_path` against `ref_path` with `backend`."""
+    sample_info = check_batches(ref_path, sample_path, split_size)
     log("computing/reading reference batch statistics...")
     ref = reference_statistics(ref_path, backend, use_cache=use_cache, show_progress=show_progress)
     log("computing sample batch activations...")
     sample = compute_activations(backend, iter_images(sample_path, backend.batch_size),
                                  sample_info.num_images, desc="sample batch", show_progress=show_progress)
     log("Computing evaluations...")
-    return compute_metrics(ref, sample, backend.name, split_size, estimator)
+    return compute_metrics(ref, sample, backend.name, split_size, estimator, log=log if show_progress else None)

@@ -188,13 +188,23 @@ class ManifoldEstimator:
 
     def __init__(self, row_batch_size: int = 10000, col_batch_size: int = 10000,
                  nhood_sizes: tuple[int, ...] = (3,), clamp_to_percentile: float | None = None,
-                 eps: float = 1e-5, device: str | torch.device = "cpu"):
+                 eps: float = 1e-5, device: str | torch.device = "cpu", show_progress: bool = False):
+        self.show_progress = show_progress  # a progress bar over the row blocks of each pass
         self.row_batch_size = row_batch_size
         self.col_batch_size = col_batch_size
         self.nhood_sizes = list(nhood_sizes)
         self.clamp_to_percentile = clamp_to_percentile
         self.eps = eps  # used by the official realism score, which `main` never reports
         self.device = torch.device(device)
+
+    def _rows(self, n: int, desc: str):
+        """The first row of each row block, under a progress bar when `show_progress`."""
+        starts = range(0, n, self.row_batch_size)
+        if not self.show_progress:
+            return starts
+        from tqdm.auto import tqdm
+
+        return tqdm(starts, desc=desc, unit="block", dynamic_ncols=True)
 
     def _t(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
@@ -209,7 +219,7 @@ class ManifoldEstimator:
                 f"k-th nearest neighbour, got {n}; evaluate more images")
         feats = self._t(features)
         radii = np.zeros([n, len(self.nhood_sizes)], dtype=np.float32)
-        for b1 in range(0, n, self.row_batch_size):
+        for b1 in self._rows(n, "precision/recall: k-NN radii"):
             rows = feats[b1: b1 + self.row_batch_size]
             dist = torch.cat([pairwise_sq_distances(rows, feats[b2: b2 + self.col_batch_size])
                               for b2 in range(0, n, self.col_batch_size)], dim=1)
@@ -233,7 +243,7 @@ class ManifoldEstimator:
         r1, r2 = self._t(radii_1), self._t(radii_2)
         status_1 = torch.zeros(len(f1), r2.shape[1], dtype=torch.bool, device=self.device)
         status_2 = torch.zeros(len(f2), r1.shape[1], dtype=torch.bool, device=self.device)
-        for b1 in range(0, len(f1), self.row_batch_size):
+        for b1 in self._rows(len(f1), "precision/recall: manifold tests"):
             e1 = b1 + self.row_batch_size
             for b2 in range(0, len(f2), self.col_batch_size):
                 e2 = b2 + self.col_batch_size
