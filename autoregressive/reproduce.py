@@ -96,8 +96,11 @@ def main(args: argparse.Namespace, backend=None, download=None) -> dict[str, Any
             print(f"{r['method']:10s} {r['name']:14s} --strategy {r['strategy']:7s} {pub}")
         return None
     if not args.method or not args.name:
-        raise SystemExit("give a method and a preset name (see --list)")
+        raise ValueError("give a method and a preset name (see --list)")
     row = find_preset(args.method, args.name, args.presets)
+    for flag in ("nproc_per_node", "per_proc_batch_size", "num_fid_samples", "is_split_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     args.models_dir, args.sample_dir = str(Path(args.models_dir).resolve()), str(Path(args.sample_dir).resolve())
     if args.dry_run:
         files = {n: Path(args.models_dir) / n for n in

@@ -440,6 +440,13 @@ def bench_case(case: Case, args: argparse.Namespace, device: torch.device, paths
 
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> list[dict]:
     """Measure every selected case under every decoding path; returns the rows (also printed)."""
+    for flag in ("batch_sizes", "iters", "max_batch", "naive_max_batch", "image_size", "downsample_size",
+                 "vocab_size", "num_classes"):
+        values = getattr(args, flag)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {values}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     grid = args.image_size // args.downsample_size

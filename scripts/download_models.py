@@ -28,16 +28,18 @@ def main(args: argparse.Namespace) -> int:
     entries = list_checkpoints(args.method)
     if args.method is not None and not entries:
         methods = sorted({e["method"] for e in list_checkpoints()})
-        print(f"no checkpoints for --method {args.method}; methods: {', '.join(methods)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"no checkpoints for --method {args.method}; methods: {', '.join(methods)}")
     if args.list:
         for e in entries:
             print(f"{e['name']:<42} {e['method']:<13} {e['model']:<34} {e['url']}")
         return 0
     names = args.names or ([e["name"] for e in entries] if args.method else [])
     if not names:
-        print("name the files to download, or pass --method or --list", file=sys.stderr)
-        return 2
+        raise ValueError("name the files to download, or pass --method or --list")
+    known = {e["name"] for e in list_checkpoints()}
+    unknown = [n for n in names if n not in known]
+    if unknown:  # every name is checked before anything is downloaded
+        raise ValueError(f"unknown file(s) {', '.join(unknown)}: see --list for the registry names")
     failed = 0
     for name in names:
         try:

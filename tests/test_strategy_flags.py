@@ -147,3 +147,10 @@ def test_sampling_leaves_no_state_on_the_strategy(name):
     assert after.keys() == before.keys()
     for k in before:
         assert after[k] is before[k] or after[k] == before[k], k
+
+
+def test_can_edit_says_which_strategies_implement_edit():
+    from autoregressive.strategies.base import Strategy
+
+    for name, cls in STRATEGIES.items():
+        assert cls.can_edit == (cls.edit is not Strategy.edit), name

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from autoregressive.sample.common import add_sampling_args, load_sampler
-from autoregressive.strategies import parse_driver_args
+from autoregressive.strategies import get_strategy, parse_driver_args, strategy_names
 from utils.cli import run_cli
 from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.sample.sample_c2i import make_grid
@@ -101,8 +101,19 @@ def check_region(regen: torch.Tensor) -> None:
 
 
 def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
+    strategy = get_strategy(args.strategy)
+    if not strategy.can_edit:
+        raise ValueError(f"--strategy {args.strategy} cannot edit images: it only generates in a fixed order "
+                         f"(editable: {', '.join(n for n in strategy_names() if get_strategy(n).can_edit)})")
+    if not 0 <= args.class_id < args.num_classes:
+        raise ValueError(f"--class-id must lie in [0, {args.num_classes}), got {args.class_id}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"--image {args.image}: cannot read the image ({e})") from e
     device = init_distributed(args.device).device
-    image = Image.open(args.image).convert("RGB")
     grid = args.image_size // args.downsample_size
     if args.mask is not None:
         regen = mask_from_png(args.mask, image.size, args.image_size, args.downsample_size)
@@ -113,8 +124,6 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     check_region(regen)
     # --step counts the steps over the regenerated tokens (checked by `edit`), not the whole grid.
     sampler = load_sampler(argparse.Namespace(**{**vars(args), "steps": None}), device, given)
-    if not 0 <= args.class_id < args.num_classes:
-        raise ValueError(f"--class-id must lie in [0, {args.num_classes}), got {args.class_id}")
 
     x = to_tensor_normalized(center_crop_arr(image, args.image_size))[None].to(device)  # (1, 3, S, S)
     codes = sampler.vq.encode_to_indices(x)  # (1, N)

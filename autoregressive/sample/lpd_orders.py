@@ -36,11 +36,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     p.add_argument("--out", type=str, required=True, help="output .json")
     a = p.parse_args(argv)
+    for flag in ("grid", "num_orders", "workers"):
+        if getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     n = a.grid * a.grid
     if a.group_sizes is not None:
         sizes = check_group_sizes(parse_group_sizes(a.group_sizes), n, what="--group-sizes")
     elif a.steps is None:
-        raise ValueError("pass --steps or --group-sizes")
+        raise ValueError("pass --steps N (group sizes from --sample-schedule) or --group-sizes JSON")
     else:
         sizes = resolve_group_sizes(n, a.steps, a.sample_schedule)
     rep = a.repulsion_threshold if a.repulsion_threshold is not None else OFFICIAL_REPULSION.get((a.grid, len(sizes)), 1.0)

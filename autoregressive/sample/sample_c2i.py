@@ -42,6 +42,12 @@ def make_grid(images_uint8, nrow: int, pad: int = 2):
 
 
 def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    bad = [c for c in args.classes if not 0 <= c < args.num_classes]
+    if bad:
+        raise ValueError(f"--classes {' '.join(map(str, bad))}: class ids must lie in [0, --num-classes "
+                         f"{args.num_classes})")
     device = init_distributed(args.device).device
     sampler = load_sampler(args, device, given)
     labels = torch.tensor(args.classes, dtype=torch.long).repeat_interleave(args.per_class)

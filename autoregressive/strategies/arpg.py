@@ -45,6 +45,7 @@ class ArpgStrategy(RasterStrategy):
     """ARPG; loading (official layouts, strict keys, our checkpoints) is raster's."""
 
     name = "arpg"
+    can_edit = True
     model_sizes = ARPG_SIZES
     #: the official schedule (hp-l33/ARPG `train_c2i.py`): 100 warm-up epochs, then a half-cosine
     #: to --min-lr; applied when no lr-schedule flag is given (`--warmup-epochs 0` keeps a constant rate).

@@ -54,6 +54,8 @@ class Strategy(ABC):
     #: this strategy's official training recipe for shared driver flags (argparse dest -> value),
     #: applied by the training driver as a whole when the user gave none of these flags.
     training_recipe: dict[str, Any] = {}
+    #: whether `edit` can regenerate any region (arbitrary-order strategies); the others refuse.
+    can_edit: bool = False
     #: official flag aliases this strategy adds (its dest -> the driver's dest); `apply_flag_aliases`.
     flag_aliases: dict[str, str] = {}
 

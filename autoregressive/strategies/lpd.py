@@ -75,6 +75,7 @@ class LpdStrategy(Strategy):
     """LPD; the model is `autoregressive/models/lpd.py:LPD`."""
 
     name = "lpd"
+    can_edit = True
     model_sizes = LPD_SIZES
 
     def __init__(self) -> None:

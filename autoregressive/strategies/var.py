@@ -81,6 +81,7 @@ def lr_wd_factors(step: int, total: int, warmup: int, wp0: float, wpe: float, sc
 
 class VarStrategy(Strategy):
     name = "var"
+    can_edit = True
     model_sizes = VAR_SIZES
     arch_flags = ("depth", "saln", "anorm", "pn")
     #: official optimisation flags (`utils/arg_util.py` of FoundationVision/VAR) -> the driver's.

@@ -96,6 +96,16 @@ def resolve_flags(args: argparse.Namespace, given: set[str]) -> None:
     """Before anything else: no flag of another strategy, the strategy's official aliases (VAR's
     --bs, --ep, ...), and its official training recipe when none of its flags was given."""
     check_strategy_flags(args.strategy, given)
+    for flag in ("epochs", "global_batch_size", "gradient_accumulation_steps", "log_every", "ckpt_every",
+                 "max_steps", "num_classes", "vocab_size", "image_size", "downsample_size", "cls_token_num"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.image_size % args.downsample_size:
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of --downsample-size "
+                         f"{args.downsample_size}: the tokenizer's grid must be whole")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     cls = get_strategy(args.strategy)
     cls.apply_flag_aliases(args, given)
     if cls.training_recipe and not given & set(cls.training_recipe):

@@ -1,0 +1,170 @@
+"""Every command-line entry point on a user's mistake: exit status 2, exactly one `error:` line
+that names the flag or file, no traceback, and the file system exactly as it was.
+
+Each case runs the entry point as a user would (a subprocess, from a scratch working folder, so
+that default output folders such as `results/` would show up) and compares the whole tree of the
+test's folder before and after. Some cases are then run corrected, and must succeed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoregressive.strategies import get_strategy
+from tests.test_train_c2i import write_codes
+from tokenizer.vq_model import VQ_models
+from utils.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A scratch folder with what the commands read: codes, a tiny GPT and VQ, an image, batches."""
+    d = tmp_path_factory.mktemp("world")
+    write_codes(d / "codes")
+    torch.manual_seed(0)
+    vq = VQ_models["VQ-debug"](codebook_size=64)
+    save_checkpoint({"model": vq.state_dict(), "vq_model": "VQ-debug", "vq_config": asdict(vq.config)}, d / "vq.pt")
+    gpt = get_strategy("raster").build_model("GPT-debug", vocab_size=64, block_size=16, num_classes=10)
+    save_checkpoint({"model": gpt.state_dict(), "args": {"strategy": "raster", "gpt_model": "GPT-debug",
+                                                         "image_size": 16, "downsample_size": 4, "vocab_size": 64,
+                                                         "num_classes": 10, "cls_token_num": 1}}, d / "gpt.pt")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "image.png")
+    (d / "broken.png").write_bytes(b"not a png")
+    rng = np.random.RandomState(0)
+    np.savez(d / "ref.npz", arr_0=rng.randint(0, 256, (8, 16, 16, 3)).astype(np.uint8))
+    np.savez(d / "nchw.npz", arr_0=rng.randint(0, 256, (8, 3, 16, 16)).astype(np.uint8))
+    np.savez(d / "float.npz", arr_0=rng.rand(8, 16, 16, 3).astype(np.float32))
+    np.savez(d / "small.npz", arr_0=rng.randint(0, 256, (8, 8, 8, 3)).astype(np.uint8))
+    (d / "cwd").mkdir()
+    return d
+
+
+TRAIN = ["autoregressive/train/train_c2i.py", "--code-path", "{w}/codes", "--dataset", "digits", "--image-size", "16",
+         "--downsample-size", "4", "--vocab-size", "64", "--num-classes", "10", "--gpt-model", "GPT-debug",
+         "--global-batch-size", "16", "--num-workers", "0", "--results-dir", "{w}/results", "--device", "cpu",
+         "--max-steps", "1", "--no-compile", "--mixed-precision", "none"]
+MODELS = ["--gpt-ckpt", "{w}/gpt.pt", "--vq-ckpt", "{w}/vq.pt", "--vq-model", "VQ-debug", "--codebook-size", "64",
+          "--image-size", "16", "--image-size-eval", "16", "--downsample-size", "4", "--num-classes", "10",
+          "--device", "cpu"]
+SAMPLE = ["autoregressive/sample/sample_c2i_ddp.py", *MODELS, "--num-fid-samples", "8", "--per-proc-batch-size", "4",
+          "--sample-dir", "{w}/samples"]
+GRID = ["autoregressive/sample/sample_c2i.py", *MODELS, "--classes", "1", "2", "--out", "{w}/grid.png"]
+EDIT = ["autoregressive/sample/edit.py", *MODELS, "--image", "{w}/image.png", "--class-id", "1", "--box", "0,0,8,8",
+        "--out", "{w}/edit.png"]
+ORDERS = ["-m", "autoregressive.sample.lpd_orders", "--grid", "4", "--out", "{w}/orders.json", "--workers", "1"]
+EVAL = ["evaluations/c2i/evaluator.py", "--backend", "torch", "--weights", "{w}/inception.pth", "--is-split-size", "4"]
+
+#: (id, command, text the single error line must contain)
+CASES = [
+    # GPT training
+    ("train-foreign-flag", TRAIN + ["--strategy", "raster", "--ls", "0.3"], "--ls is a flag of --strategy var"),
+    ("train-size-of-other-strategy", TRAIN + ["--gpt-model", "ARPG-debug"], "--gpt-model 'ARPG-debug'"),
+    ("train-resume-typo", TRAIN + ["--resume", "{w}/results/000-typo"], "--resume"),
+    ("train-accumulation", TRAIN + ["--gradient-accumulation-steps", "3"], "--global-batch-size 16"),
+    ("train-no-codes", [a.replace("{w}/codes", "{w}/no-codes") for a in TRAIN], "no-codes"),
+    ("train-alias-conflict", TRAIN + ["--strategy", "var", "--bs", "32"] + ["--global-batch-size", "16"], "--bs 32"),
+    ("train-zero-epochs", TRAIN + ["--epochs", "0"], "--epochs must be >= 1"),
+    ("train-zero-classes", TRAIN + ["--num-classes", "0"], "--num-classes"),
+    ("train-image-size", TRAIN + ["--image-size", "18"], "--image-size 18"),
+    ("train-vocabulary", TRAIN + ["--vocab-size", "32"], "32"),
+    ("train-tokenizer-checkpoint", TRAIN + ["--gpt-ckpt", "{w}/vq.pt"], "--gpt-ckpt"),
+    ("train-zero-log-every", TRAIN + ["--log-every", "0"], "--log-every"),
+    # large-scale sampling
+    ("sample-negative-cfg", SAMPLE + ["--cfg-scale", "-1"], "cfg_scale"),
+    ("sample-zero-samples", SAMPLE + ["--num-fid-samples", "0"], "--num-fid-samples"),
+    ("sample-image-size", SAMPLE + ["--image-size", "30"], "--image-size"),
+    ("sample-zero-batch", SAMPLE + ["--per-proc-batch-size", "0"], "--per-proc-batch-size"),
+    ("sample-missing-checkpoint", SAMPLE + ["--gpt-ckpt", "{w}/missing.pt"], "missing.pt"),
+    ("sample-top-p", SAMPLE + ["--top-p", "0"], "--top-p"),
+    ("sample-temperature", SAMPLE + ["--temperature", "-1"], "--temperature"),
+    ("sample-foreign-flag", SAMPLE + ["--spe-token-num", "15"], "--spe-token-num is a flag of --strategy par"),
+    ("sample-zero-classes", SAMPLE + ["--num-classes", "0"], "--num-classes"),
+    ("sample-wrong-size", SAMPLE + ["--gpt-model", "GPT-B"], "GPT-B"),
+    ("sample-wrong-strategy", SAMPLE + ["--strategy", "lpd"], "lpd"),
+    # grid sampling and editing
+    ("grid-zero-per-class", GRID + ["--per-class", "0"], "--per-class"),
+    ("grid-class-out-of-range", GRID + ["--classes", "10"], "--classes 10"),
+    ("grid-cfg", GRID + ["--cfg-scale", "0.5"], "cfg_scale"),
+    ("edit-raster-cannot", EDIT + ["--strategy", "raster"], "--strategy raster cannot edit"),
+    ("edit-missing-image", EDIT + ["--strategy", "arpg", "--image", "{w}/missing.png"], "missing.png"),
+    ("edit-broken-image", EDIT + ["--strategy", "arpg", "--image", "{w}/broken.png"], "broken.png"),
+    ("edit-class-id", EDIT + ["--strategy", "arpg", "--class-id", "10"], "--class-id"),
+    # order files
+    ("orders-no-steps", ORDERS, "--steps"),
+    ("orders-zero", ORDERS + ["--steps", "4", "--num-orders", "0"], "--num-orders"),
+    ("orders-no-table", ORDERS + ["--steps", "7"], "--sample-schedule"),
+    # evaluator: batches are checked before the (absent) weights
+    ("eval-nchw", EVAL + ["{w}/ref.npz", "{w}/nchw.npz"], "NCHW"),
+    ("eval-float", EVAL + ["{w}/ref.npz", "{w}/float.npz"], "uint8"),
+    ("eval-missing", EVAL + ["{w}/nope.npz", "{w}/ref.npz"], "nope.npz"),
+    ("eval-sizes-differ", EVAL + ["{w}/ref.npz", "{w}/small.npz"], "16x16"),
+    ("eval-no-weights", EVAL + ["{w}/ref.npz", "{w}/ref.npz"], "inception.pth"),
+    # downloads, presets, benches
+    ("download-unknown", ["scripts/download_models.py", "nope.pt", "--dest", "{w}/models"], "nope.pt"),
+    ("reproduce-unknown", ["-m", "autoregressive.reproduce", "llamagen", "NOPE", "--dry-run",
+                           "--models-dir", "{w}/models", "--sample-dir", "{w}/samples"], "NOPE"),
+    ("reproduce-nothing", ["-m", "autoregressive.reproduce"], "method"),
+    ("bench-sample-zero-batch", ["bench/bench_sample.py", "--batch-sizes", "0", "--cases", "raster"], "--batch-sizes"),
+]
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `root`: relative path -> (size, mtime in ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def run(world: Path, cmd: list[str]) -> subprocess.CompletedProcess:
+    argv = [a.replace("{w}", str(world)) for a in cmd]
+    if not argv[0].startswith("-"):
+        argv[0] = str(ROOT / argv[0])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("AR_DEBUG", None)
+    return subprocess.run([sys.executable, *argv], cwd=world / "cwd", env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name, cmd, names", CASES, ids=[c[0] for c in CASES])
+def test_a_user_error_is_one_line_exit_2_and_writes_nothing(world, name, cmd, names):
+    before = tree(world)
+    res = run(world, cmd)
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert res.returncode == 2, f"exit {res.returncode}\n{res.stderr[-3000:]}"
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert names in errors[0], errors[0]
+    assert tree(world) == before, "the refused run changed the file system"
+
+
+def test_there_are_enough_cases_over_every_kind_of_entry_point():
+    scripts = {c[1][0] if not c[1][0].startswith("-") else c[1][1] for c in CASES}
+    assert len(CASES) >= 30 and len(scripts) >= 9
+
+
+def test_corrected_reruns_succeed(world):
+    """The same commands with the mistake fixed run (and now write their outputs)."""
+    ok = run(world, GRID + ["--per-class", "1", "--cfg-scale", "1.5"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (world / "grid.png").is_file()
+    ok = run(world, ORDERS + ["--steps", "4", "--num-orders", "3", "--sample-schedule", "cosine"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (world / "orders.json").is_file()
+    ok = run(world, SAMPLE + ["--cfg-scale", "1.5"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert list((world / "samples").glob("*.npz"))
+
+
+def test_debug_shows_the_traceback(world):
+    argv = [a.replace("{w}", str(world)) for a in GRID + ["--per-class", "0"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "AR_DEBUG": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=world / "cwd", env=env,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" in res.stderr and "--per-class" in res.stderr
