@@ -3,13 +3,13 @@
 Two layouts are read, detected from what is on disk (`CodeDataset.layout` says which was found):
 
 * `llamagen` (what `autoregressive/train/extract_codes_c2i.py` and the official extraction write,
-  `specs/llamagen.md` section 4): `<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and
+  LlamaGen's own `extract_codes_c2i.py`): `<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and
   `<code-path>/<dataset><S>_labels/<k>.npy` int64 (1,), k = the image's index in the class-folder
   data set. Our extraction also writes `codes_meta.json` (tokenizer identity, image size, crop
   setting, class map, skipped images) and `class_to_idx.json` into the codes folder.
 * `class-folders` (RandAR's `imagenet-llamagen-adm-256_codes.tar`, read by ARPG's
-  `INatLatentDataset`, `specs/arpg.md`): `<code-path>/<class id>/<name>.npy` of shape (num_aug, N),
-  label = the folder name as an integer.
+  `INatLatentDataset` in hp-l33/ARPG `dataset/imagenet.py`): `<code-path>/<class id>/<name>.npy`
+  of shape (num_aug, N), label = the folder name as an integer.
 
 Differences from the official reader (`dataset/imagenet.py:CustomDataset`), on purpose:
 * the files actually present are used (the official hard-codes `0.npy .. 1281166.npy`), so corrupt

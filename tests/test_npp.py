@@ -1,5 +1,5 @@
 """NPP beyond the fixtures: the stage and learning rate at every step of real (DDP) training runs
-follow the spec's rule and the loss falls; a run killed inside a stage resumes to identical
+follow the official rule and the loss falls; a run killed inside a stage resumes to identical
 weights; KV-cached sampling equals full recompute; bad --patch-level values are refused."""
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ STEPS_PER_EPOCH = 6  # write_codes: 96 items, --global-batch-size 16
 
 
 def spec_patch_size(step: int, patch_level: int, epochs: int, rate: float) -> int:
-    """The spec's rule written out (section 5.1): stage ends int(E r^i), first end > epoch wins."""
+    """The official rule written out (`get_patch_size` of NPP's `train_c2i.py`): stage ends int(E r^i),
+    first end > epoch wins."""
     sizes = {2: [4, 1], 3: [16, 4, 1], 4: [64, 16, 4, 1]}.get(patch_level, [1])
     ends = [int(epochs * rate ** i) for i in range(len(sizes))][::-1]
     epoch = step // STEPS_PER_EPOCH
@@ -172,7 +173,8 @@ def test_kv_cached_sampling_equals_full_recompute(cfg_scale, cfg_interval):
 
 
 def test_flops_fraction_of_the_published_settings():
-    """Spec section 1: L=2 -> 0.625, L=3 -> 0.578, L=4 -> 0.572, FSDP defaults -> 0.40 (r = 0.5 / 0.67)."""
+    """Cost linear in the sequence length: L=2 -> 0.625, L=3 -> 0.578, L=4 -> 0.572, FSDP defaults
+    -> 0.40 (r = 0.5 / 0.67)."""
     got = [training_flops_fraction(patch_schedule(level, 300, rate))
            for level, rate in ((2, 0.5), (3, 0.5), (4, 0.5), (4, 0.67), (1, 0.5))]
     assert got == pytest.approx([0.625, 0.578125, 0.5723, 0.3997, 1.0], abs=1e-3)

@@ -73,7 +73,7 @@ def test_kv_cached_group_decoding_equals_masked_recompute(n, grid, cfg_scale, cf
 
 
 def test_schedule_order_and_mask():
-    # Spec example: grid 4, n 4.
+    # Grid 4, n 4, as the official reshape / permute of PAR's `train_c2i.py` orders it.
     assert par_order(4, 4).tolist() == [0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15]
     assert par_group_sizes(576, 4) == [1] * 4 + [4] * 143 and len(par_group_sizes(576, 4)) == 147
     assert len(par_group_sizes(576, 16)) == 51

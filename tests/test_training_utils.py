@@ -66,7 +66,7 @@ def test_scheduled_lr_follows_the_official_recipes():
 
     from utils.training import scheduled_lr
 
-    # ARPG: warm-up over 100 epochs, then half-cosine from lr to min_lr at `epochs` (spec 4.3).
+    # ARPG: warm-up over 100 epochs, then half-cosine from lr to min_lr at `epochs` (ARPG's `train_c2i.py`).
     arpg = dict(base_lr=4e-4, schedule="cosine", warmup_epochs=100, min_lr=1e-5, epochs=400)
     assert scheduled_lr(0, 10, **arpg) == 0.0
     assert math.isclose(scheduled_lr(500, 10, **arpg), 2e-4)  # epoch 50

@@ -1,6 +1,6 @@
 """Tokenizer training losses: reconstruction, LPIPS perceptual, PatchGAN discriminator, GAN losses.
 
-Written from `specs/llamagen.md` section 3.1 (official: LlamaGen `tokenizer/tokenizer_image/
+Written from the official code (LlamaGen `tokenizer/tokenizer_image/
 vq_loss.py`, `lpips.py`, `discriminator_patchgan.py`, themselves after taming-transformers and
 richzhang/PerceptualSimilarity). The generator objective is
 

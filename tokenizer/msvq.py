@@ -5,7 +5,7 @@ quantised by residual quantisation over `patch_nums` (e.g. 1,2,3,4,5,6,8,10,13,1
 the part of f the coarser scales have not explained, area-downsampled to pn_k x pn_k, picks the
 nearest code of one shared codebook per position, upsamples the codes back to h x w (bicubic) and
 refines them with a phi convolution. Decoding sums those refinements and runs the decoder.
-Written from `specs/var.md` section 3 (official: FoundationVision/VAR `models/vqvae.py`,
+Written from the official code (FoundationVision/VAR `models/vqvae.py`,
 `models/quant.py`, `models/basic_vae.py`), so `vae_ch160v4096z32.pth` loads as published.
 
 Besides encode/decode this module builds VAR's teacher-forcing input (`ids_to_var_input`) and the

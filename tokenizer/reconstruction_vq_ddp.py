@@ -1,6 +1,6 @@
 """Reconstruct a validation set with a VQ tokenizer: PSNR, SSIM and ADM `.npz` files for rFID.
 
-Protocol (official `reconstruction_vq_ddp.py` + `validation/val_ddp.py`, spec section 7.3): every
+Protocol (official LlamaGen `reconstruction_vq_ddp.py` + `tokenizer/validation/val_ddp.py`): every
 image is ADM-centre-cropped to --image-size (`center_crop_arr`), encoded, decoded from its code
 indices, bicubic-resized to --image-size-eval when that differs, and turned into uint8 by
 `clamp(127.5 x + 128, 0, 255)` truncation. rFID is the ADM evaluator between the reference `.npz`

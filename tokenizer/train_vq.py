@@ -1,4 +1,4 @@
-"""Train the LlamaGen VQ tokenizer with PyTorch DDP (official `vq_train.py` recipe, spec section 3.1).
+"""Train the LlamaGen VQ tokenizer with PyTorch DDP (official recipe: LlamaGen's `vq_train.py`).
 
 Single process (CPU demo size, no perceptual loss):
     python tokenizer/train_vq.py --vq-model VQ-debug --codebook-size 512 --dataset digits \

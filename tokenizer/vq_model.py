@@ -2,7 +2,7 @@
 
 A convolutional VQGAN-style autoencoder: image (B,3,H,W) in [-1,1] -> code grid (B, H/f, W/f) of
 indices into a 16384 x 8 codebook of l2-normalised vectors (f = 16 for VQ-16, 8 for VQ-8).
-Written from `specs/llamagen.md` section 3 (official: FoundationVision/LlamaGen
+Written from the official code (FoundationVision/LlamaGen
 `tokenizer/tokenizer_image/vq_model.py`), so `vq_ds16_c2i.pt` / `vq_ds8_c2i.pt` load as published.
 """
 from __future__ import annotations

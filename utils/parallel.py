@@ -1,6 +1,6 @@
 """Data parallelism for the training driver: DDP for the sizes that fit, FSDP for XXL / 3B.
 
-`--data-parallel` keeps the official FSDP script's names (`specs/llamagen.md` section 6):
+`--data-parallel` keeps the official FSDP script's names (LlamaGen `autoregressive/train/train_c2i_fsdp.py`):
 `ddp` (our default, the official `train_c2i.py`), `fsdp` = FULL_SHARD (the official FSDP default),
 `sdp` = SHARD_GRAD_OP (parameters stay gathered between forward and backward), `hsdp` =
 HYBRID_SHARD (shard inside a node, replicate across nodes). FSDP here is PyTorch's per-parameter

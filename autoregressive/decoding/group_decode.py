@@ -2,7 +2,7 @@
 
 Raster, PAR, ARPG and LPD all generate the N tokens of the grid in an order, a group at a time:
 group g is predicted from the class and every token of groups < g. A schedule is data,
-`(order, group_sizes)` (`design.md`, "Order and groups are data"); what differs between the
+`(order, group_sizes)` (README, "Order and groups are data"); what differs between the
 methods is only how one step turns "the tokens just sampled" plus "the positions to predict next"
 into logits, which the strategy passes in as `step`. This loop owns the rest: CFG batching and
 guidance (with a per-token scale for the schedules that ramp it), temperature / top-k / top-p,

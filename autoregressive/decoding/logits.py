@@ -1,6 +1,6 @@
 """Logits processing, written once for every strategy: CFG, temperature, top-k, top-p, sampling.
 
-Follows `specs/llamagen.md` section 7.1 (official: FoundationVision/LlamaGen
+Follows the official code (FoundationVision/LlamaGen
 `autoregressive/models/generate.py:sample`, `top_k_top_p_filtering`), in this order:
 1. classifier-free guidance on the raw logits, `uncond + (cond - uncond) * scale`, only when
    scale > 1 (both halves come from one forward over the batch `[cond ; null]`);
@@ -60,7 +60,7 @@ def cfg_labels(labels: torch.Tensor, num_classes: int, cfg_scale: float) -> torc
 def cfg_guided(step: int, cfg_interval: float) -> bool:
     """Whether step `step` is guided: step 0 is the prefill, step s the s-th decode step.
 
-    Official rule (spec 7.1 step 4): decode step i = s - 1 turns guidance off for good once
+    Official rule (LlamaGen `generate`): decode step i = s - 1 turns guidance off for good once
     `cfg_interval > -1 and i > cfg_interval`; the prefill is always guided. With cfg_interval = c
     the first c + 2 steps are guided; -1 guides every step.
     """

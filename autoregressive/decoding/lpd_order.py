@@ -1,4 +1,4 @@
-"""LPD's locality-aware generation orders and its group-size tables (`specs/lpd.md` section 5).
+"""LPD's locality-aware generation orders and its group-size tables (official: mit-han-lab/lpd).
 
 An order lists the N = grid^2 raster indices (row * grid + col) in generation order and step k
 generates the next `group_sizes[k]` of them in parallel (`decoding/orders.py` turns the sampling

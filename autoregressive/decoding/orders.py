@@ -1,6 +1,6 @@
 """Schedules as data for every strategy that can generate in any order (ARPG, LPD).
 
-A schedule is `(order, group_sizes)` (`design.md`, "Order and groups are data"): `order` lists the
+A schedule is `(order, group_sizes)` (README, "Order and groups are data"): `order` lists the
 raster cells (row * grid + col) in generation order and step k generates the next
 `group_sizes[k]` of them at once (`group_decode.decode_in_groups`). This module turns the
 sampling flags into one, the same way for every strategy:

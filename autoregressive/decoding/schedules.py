@@ -1,12 +1,12 @@
 """Step schedules: how many tokens each of S parallel decoding steps generates, for N tokens.
 
-A schedule is data (`design.md`, "Order and groups are data"): `group_sizes(name, N, S)` returns S
+A schedule is data (README, "Order and groups are data"): `group_sizes(name, N, S)` returns S
 positive ints summing to N, which `group_decode.decode_in_groups` runs with any order. Pure
 functions, no torch, so that every parallel strategy (ARPG, LPD, ...) can share and extend them;
 `decoding/orders.py` picks between these formulas, LPD's official table (`decoding/lpd_order.py`) and
 an explicit list.
 
-`arccos` and `cosine` are ARPG's (`specs/arpg.md` section 3.2, official hp-l33/ARPG
+`arccos` and `cosine` are ARPG's (official: hp-l33/ARPG `models/arpg.py`,
 `Transformer.generate`), the MaskGIT-style "fraction still masked after step s" curves, with the
 official float64 arithmetic, truncation and clamps kept so that the group sizes are identical.
 """

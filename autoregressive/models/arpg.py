@@ -1,6 +1,6 @@
 """ARPG: a decoder-decoder transformer with target-aware queries, with the official key names.
 
-Written from `specs/arpg.md` section 3 (official: hp-l33/ARPG `models/arpg.py`), on the shared
+Written from the official code (hp-l33/ARPG `models/arpg.py`), on the shared
 RMSNorm, SwiGLU feed-forward, 2-D RoPE and KV cache of `layers.py` / `kv_cache.py`, so that the
 released checkpoints `arpg_300m.pt`, `arpg_700m.pt`, `arpg_1b.pt` (ARPG-L/XL/XXL) load strictly.
 
@@ -349,7 +349,7 @@ class ARPG(Float32RopeBuffer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sizes (spec section 2; `ARPG-debug` is ours, for the tests and the CPU demo)
+# Sizes (the official `ARPG_models`; `ARPG-debug` is ours, for the tests and the CPU demo)
 # ---------------------------------------------------------------------------------------------
 
 ARPG_SIZES: dict[str, dict] = {

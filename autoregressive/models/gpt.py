@@ -2,7 +2,7 @@
 
 A Llama-style decoder over `[class token ; image tokens in raster order]`: RMSNorm, SwiGLU, 2-D
 RoPE with a zero row for the class token, causal attention, no biases. Written from
-`specs/llamagen.md` section 5 (official: FoundationVision/LlamaGen `autoregressive/models/gpt.py`),
+the official code (FoundationVision/LlamaGen `autoregressive/models/gpt.py`),
 so the released c2i checkpoints (GPT-B .. GPT-3B) load strictly. PAR and NPP reuse this class.
 
 Three paths, three methods (no mode inferred from `None` arguments):
@@ -220,7 +220,7 @@ class Transformer(Float32RopeBuffer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sizes (spec section 5; `GPT-debug` is ours, for the tests and the CPU demo)
+# Sizes (LlamaGen's `GPT_models`; `GPT-debug` is ours, for the tests and the CPU demo)
 # ---------------------------------------------------------------------------------------------
 
 GPT_SIZES: dict[str, dict] = {

@@ -1,7 +1,7 @@
 """Shared transformer layers of the LlamaGen GPT family, written once for every strategy.
 
 RMSNorm -> 2-D RoPE -> attention (mask, KV cache) -> SwiGLU feed-forward -> DropPath -> block.
-Numerics follow `specs/llamagen.md` section 5 (official: FoundationVision/LlamaGen
+Numerics follow the official code (FoundationVision/LlamaGen
 `autoregressive/models/gpt.py`): RMSNorm in float32 with eps 1e-5, RoPE applied in float32 to q
 and k, fused `wqkv` without bias, SDPA with scale 1/sqrt(head_dim). PAR and NPP reuse these
 blocks unchanged; ARPG and LPD reuse the norm, RoPE, feed-forward and the KV cache.
@@ -57,7 +57,7 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000.0
     raster index p = r * grid_size + c, gets the head_dim/2 angles [r*f_0 .. r*f_{M-1},
     c*f_0 .. c*f_{M-1}] (row first); [..., 0] = cos, [..., 1] = sin. The first `cls_token_num`
     rows are zeros (cos = sin = 0): the rotation of a class token is the zero matrix, so its q and
-    k are multiplied by 0 — an official quirk that every logit depends on (spec section 8).
+    k are multiplied by 0 — an official quirk (`precompute_freqs_cis_2d`) that every logit depends on.
     """
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (hd/4,)

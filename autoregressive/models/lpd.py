@@ -1,6 +1,6 @@
 """The LPD model: a MAR-style ViT that predicts any group of grid cells from any set of known ones.
 
-Written from `specs/lpd.md` section 3 (official: mit-han-lab/lpd `models/lpd.py`, `models/block.py`),
+Written from the official code (mit-han-lab/lpd `models/lpd.py`, `models/block.py`),
 with the official state_dict key names so that `lpd_l_256 ... lpd_xl_512` load strictly.
 Every sequence element is one embedding passed through the input LayerNorm `z_proj_ln`:
 - class slot: `class_emb[y] + pos_embed[0]` (`fake_latent` instead of the class: unconditional / CFG),
@@ -11,8 +11,8 @@ Blocks are timm-ViT pre-norm blocks (LayerNorm eps 1e-6, qkv with bias, GELU MLP
 Two paths, two methods:
 - `forward(codes, labels, orders, group_sizes, targets)` — parallelised teacher forcing: the
   sequence `[class, context in order (all but the last group), queries for all N cells]` under
-  the block mask of `group_attention_mask` (training; spec 3.1);
-- `decode_step(x, cache, slots, mask)` — embedded elements at KV-cache slots (sampling; spec 3.2);
+  the block mask of `group_attention_mask` (training, as the official `LPD.forward`);
+- `decode_step(x, cache, slots, mask)` — embedded elements at KV-cache slots (sampling, `LPD.sample_tokens`);
   `autoregressive/strategies/lpd.py` drives it through the shared group decoding loop.
 """
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Block(nn.Module):
 
 
 def group_attention_mask(group_sizes: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """Training mask (T, T) bool, True = attend, T = 1 + 2N - g_K (spec 3.1).
+    """Training mask (T, T) bool, True = attend, T = 1 + 2N - g_K (the official `LPD.forward` mask).
 
     Group ids: class 0, context of group j (j < K) 2j, queries of group j 2j - 1. An element sees
     its own group (same id) and every context element (class included) of a smaller id.

@@ -1,6 +1,6 @@
 """Next-patch prediction (NPP) over the LlamaGen GPT: patch tokens, coarse RoPE, multi-token loss.
 
-Written from `specs/npp.md` section 4 (official: PKU-YuanGroup/Next-Patch-Prediction
+Written from the official code (PKU-YuanGroup/Next-Patch-Prediction
 `utils/patchify.py` and the training branch of `autoregressive/models/gpt.py`). The model is the
 LlamaGen `Transformer` with the same weights; only the training forward differs:
 
@@ -56,7 +56,8 @@ def patchify_targets(codes: torch.Tensor, k: int) -> torch.Tensor:
     """The codes of each k x k block: (B, G*G) -> (B, (G/k)^2, k*k), within-patch index a*k + b.
 
     A reshape (exact for any dtype); the official `target_patchify` runs `F.unfold` on the int64
-    codes, which has no Long kernel and only works under `torch.compile` (spec section 8, quirk 1).
+    codes, which has no Long kernel and only works under `torch.compile` (on by default in its
+    `train_c2i.py`).
     """
     b, n = codes.shape
     grid = math.isqrt(n)

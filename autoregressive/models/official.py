@@ -1,7 +1,8 @@
 """Loading GPT checkpoints strictly: official LlamaGen releases and our own training checkpoints.
 
-Official layouts (spec section 2): `{'model': state_dict, ...}` for GPT-B/L/XL (DDP), the bare
-state dict for GPT-XXL/3B (FSDP `consolidated.pth`), `'module'` (DeepSpeed) or `'state_dict'`.
+Official layouts (as LlamaGen's `autoregressive/sample/sample_c2i_ddp.py` reads them): `{'model':
+state_dict, ...}` for GPT-B/L/XL (DDP), the bare state dict for GPT-XXL/3B (FSDP `consolidated.pth`),
+`'module'` (DeepSpeed) or `'state_dict'`.
 The official training checkpoints and ours also carry `'args'` (an argparse.Namespace officially,
 a dict for ours) naming the size (`gpt_model`) and the flags that shape the model; when present,
 they build the model and must agree with what the caller asked for. A stray `freqs_cis` key (the

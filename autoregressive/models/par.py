@@ -1,7 +1,7 @@
 """PAR (Parallelized Autoregressive Visual Generation, arXiv 2412.15119) on the LlamaGen GPT.
 
 The backbone is `gpt.Transformer` unchanged (same blocks, key names, class token, CFG). PAR adds
-four things (`specs/par.md` section 3; official: YuqingWang1029/PAR `autoregressive/models/gpt.py`):
+four things (official: YuqingWang1029/PAR `autoregressive/models/gpt.py`):
 
 (a) S = n - 1 learnable transition tokens M_1..M_S, the one extra key
     `spe_tok_embeddings.special_embeddings.weight` (S, dim);
@@ -50,7 +50,7 @@ def check_par_tokens(ar_token_num: int, spe_token_num: int) -> None:
 
 
 def check_par_shape(grid: int, ar_token_num: int, spe_token_num: int) -> None:
-    """Refuse the (grid, n, S) that the official code cannot run (spec section 7), with the reason.
+    """Refuse the (grid, n, S) that the official code cannot run, with the reason.
 
     n must be a perfect square s^2 >= 4 with s dividing the grid side, and S = n - 1: otherwise the
     mask blocks and the RoPE layout disagree (official: wrong outputs or a crash in `generate`).

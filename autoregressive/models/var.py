@@ -5,8 +5,8 @@ A sequence of L = sum pn^2 tokens, scale after scale: token 0 is the class embed
 scales 1..k-1, area-downsampled to scale k (built by `tokenizer/msvq.py`). Every token gets a
 level and an absolute position embedding; attention is block-causal over scales; the class
 conditions every block and the head through AdaLN (per block, or shared: the d36 layout). Position
-l predicts token l (no shift). Written from `specs/var.md` section 4 (official:
-FoundationVision/VAR `models/var.py`, `models/basic_var.py`), so `var_d16.pth ... var_d36.pth`
+l predicts token l (no shift). Written from the official code
+(FoundationVision/VAR `models/var.py`, `models/basic_var.py`), so `var_d16.pth ... var_d36.pth`
 load as published.
 
 Training is `forward(labels, x)` over the whole sequence with the block-causal mask; sampling is

@@ -23,7 +23,7 @@ PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The official sampling flags (`specs/llamagen.md` 7.2) plus `--strategy`."""
+    """The official sampling flags (LlamaGen's `autoregressive/sample/sample_c2i_ddp.py`) plus `--strategy`."""
     g = p.add_argument_group("model")
     g.add_argument("--strategy", type=str, default="raster", choices=strategy_names(), help="decoding strategy")
     g.add_argument("--gpt-model", type=str, default=None, choices=model_size_names(),

@@ -1,4 +1,4 @@
-"""`arpg`: randomized parallel decoding with target-aware queries (arXiv 2503.10568; `specs/arpg.md`).
+"""`arpg`: randomized parallel decoding with target-aware queries (arXiv 2503.10568; official: hp-l33/ARPG).
 
 Schedule (`decoding/orders.py`): by default, as officially, `order` = a uniformly random permutation
 of the grid and group sizes from the `arccos` step schedule over `--step` steps (64); the shared
@@ -9,15 +9,17 @@ shuffling). Sampling runs the shared KV-cached loop
 `decoding/group_decode.py:decode_in_groups`; one step feeds the tokens of the previous group (the
 class token at step 0) and asks one query per target of the next group.
 
-Differences from the official sampler, on purpose (spec section 8, "free to choose"):
+Differences from the official sampler (hp-l33/ARPG `models/arpg.py:Transformer.generate` and
+`sample_c2i_ddp.py`), on purpose:
 * `--top-k` / `--top-p` are applied (officially ignored by the DDP sampler, and top-p < 1 crashes);
 * a `--step` larger than the number of tokens is refused (officially a crash);
 * with a per-row sampler (`RowRNG`, what the sampling drivers pass) every image draws its own order,
   so an image does not depend on its batch-mates; with a `torch.Generator` the batch shares one
   order, as officially;
 * cfg_scale 1 runs no unconditional half (officially computed and then weighted by 0).
-Editing (inpainting / outpainting / class-conditional editing, spec 3.3): the known tokens are fed
-with the class token at step 0 and the schedule runs over the unknown tokens only.
+Editing (inpainting / outpainting / class-conditional editing, described in the ARPG paper; the
+official repository has no code for it): the known tokens are fed with the class token at step 0
+and the schedule runs over the unknown tokens only.
 """
 from __future__ import annotations
 

@@ -1,17 +1,18 @@
-"""`lpd`: locality-aware parallel decoding (arXiv 2507.01957; `specs/lpd.md`).
+"""`lpd`: locality-aware parallel decoding (arXiv 2507.01957; official: mit-han-lab/lpd).
 
 Schedule (`decoding/orders.py`, shared with ARPG): by default, as officially, a locality-aware
 order (`decoding/lpd_order.py`, generated on the fly from each image's seed; or `--order FILE`) and
 the official group-size table for the grid and `--steps` (20 / 32 at 256 px, 48 at 512 px, ...);
 the shared flags choose any other (`--order random | raster`, `--sample-schedule cosine | arccos`
 for grids without a table, `--group-sizes`).
-Training (spec 4.2): one schedule drawn per step from the grid's training list, one uniformly
-random order per sample and label dropout to `fake_latent`, all from the driver's generator; the
-model predicts every token from the position queries of its group (`models/lpd.py`).
-Sampling (spec 3.2 / 6) runs the shared loop `decoding/group_decode.py:decode_in_groups`: step g
-feeds the tokens sampled at step g - 1 (the class slot at g = 0) plus the queries of group g,
-under the block-causal mask, with CFG `linear` (scale 1 + (cfg - 1) t / N for the token of order
-index t) or `constant`.
+Training (as the official `main.py` / `engine.py`): one schedule drawn per step from the grid's
+training list, one uniformly random order per sample and label dropout to `fake_latent`, all from
+the driver's generator; the model predicts every token from the position queries of its group
+(`models/lpd.py`).
+Sampling (as the official `LPD.sample_tokens`, driven by `engine.evaluate`) runs the shared loop
+`decoding/group_decode.py:decode_in_groups`: step g feeds the tokens sampled at step g - 1 (the
+class slot at g = 0) plus the queries of group g, under the block-causal mask, with CFG `linear`
+(scale 1 + (cfg - 1) t / N for the token of order index t) or `constant`.
 
 Differences from the official code, on purpose: orders and label dropout come from explicit
 generators (the official `np.random.shuffle` / `torch.rand` / unseeded order files are not
@@ -232,7 +233,7 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
                cfg_scale: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, generator: Generator | None = None, record_logits: list | None = None,
                record_head: list | None = None, runner: StepRunner | None = None) -> torch.Tensor:
-    """Run one schedule with the KV cache (spec 3.2) -> (B, N) raster token ids.
+    """Run one schedule with the KV cache (as the official `LPD.sample_tokens`) -> (B, N) raster token ids.
 
     Args:
         labels: (B,) class ids, or None for unconditional generation (`fake_latent`).

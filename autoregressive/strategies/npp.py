@@ -1,11 +1,12 @@
 """`npp`: next-patch prediction (Pang et al. 2024), a coarse-to-fine training strategy over LlamaGen.
 
-Only training differs from `raster` (`specs/npp.md`): during the first stages the code grid is cut
-into k x k patches whose token embeddings are averaged, and each patch token predicts all codes of
-the next patch (`autoregressive/models/npp.py`); the patch size shrinks stage by stage
-(`--patch-level`, `--epoch-rate`) down to P = 1, which is plain next-token training. The model,
-its official checkpoints (LlamaGen layout) and sampling are the raster strategy's, inherited
-unchanged: `--strategy npp` at sampling time is raster decoding with the official settings.
+Only training differs from `raster` (official: PKU-YuanGroup/Next-Patch-Prediction): during the
+first stages the code grid is cut into k x k patches whose token embeddings are averaged, and each
+patch token predicts all codes of the next patch (`autoregressive/models/npp.py`); the patch size
+shrinks stage by stage (`--patch-level`, `--epoch-rate`) down to P = 1, which is plain next-token
+training. The model, its official checkpoints (LlamaGen layout) and sampling are the raster
+strategy's, inherited unchanged: `--strategy npp` at sampling time is raster decoding with the
+official settings.
 
 The stage and the learning rate are pure functions of the training position, which the driver
 passes to `on_step` before every optimizer step; a resumed run therefore continues inside a stage
@@ -40,7 +41,8 @@ class NppStrategy(RasterStrategy):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """The official NPP flags and defaults (spec section 5.3). The FSDP script's defaults are
+        """The official NPP flags and defaults (`autoregressive/train/train_c2i.py` of
+        PKU-YuanGroup/Next-Patch-Prediction). The FSDP script's (`train_c2i_fsdp.py`) defaults are
         `--patch-level 4 --epoch-rate 0.67`."""
         group.add_argument("--patch-level", type=int, default=2,
                            help="npp: number of patch stages (2: P=4,1; 3: 16,4,1; 4: 64,16,4,1; "

@@ -1,10 +1,10 @@
 """NPP's coarse-to-fine patch-size schedule and its per-stage learning-rate schedule, as pure functions.
 
-Written from `specs/npp.md` section 5 (official: `autoregressive/train/train_c2i.py` of
+Written from the official code (`autoregressive/train/train_c2i.py` of
 PKU-YuanGroup/Next-Patch-Prediction, the inline stage code and `create_scheduler`). Both are
 functions of the epoch / optimizer step only, so a run resumed from any step recomputes exactly
 the stage and learning rate of the uninterrupted run (the official script restarts its LambdaLR at
-step 0 on resume, spec section 8 quirk 6; we do not).
+step 0 on resume, as its checkpoints do not hold the scheduler; we do not).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def lr_multiplier(step: int, steps_per_epoch: int, schedule: PatchSchedule, warm
 
 def training_flops_fraction(schedule: PatchSchedule) -> float:
     """Training compute relative to next-token training for the same epochs (cost linear in the
-    sequence length, spec section 1): sum over stages of epochs / P, over E. L=2, r=0.5 -> 0.625."""
+    sequence length, as in NPP's ~0.6x claim): sum over stages of epochs / P, over E. L=2, r=0.5 -> 0.625."""
     total = sum((end - start) / p for p, (start, end) in
                 zip(schedule.patch_sizes, (schedule.stage_bounds(i) for i in range(len(schedule.patch_sizes)))))
     return total / schedule.epoch_ends[-1]

@@ -1,4 +1,4 @@
-"""`par`: PAR, parallelized autoregressive decoding (arXiv 2412.15119; `specs/par.md`).
+"""`par`: PAR, parallelized autoregressive decoding (arXiv 2412.15119; official: YuqingWang1029/PAR).
 
 Schedule: `order` = the PAR order (`models/par.py:par_order`), group sizes `[1] * n + [n] * (N/n - 1)`:
 the first token of each of the n regions one by one, then the tokens at the same in-region offset
@@ -100,9 +100,10 @@ class ParStrategy(RasterStrategy):
 
     @staticmethod
     def cfg_step_guided(g: int, ar_token_num: int, cfg_interval: float) -> bool:
-        """The official cfg_interval rule (spec section 4): the prefill (g = 0) is always guided; a
-        sequential step g < n has counter i = g - 1; the parallel phase restarts, counting tokens
-        i = 0, n, 2n, ... (i = (g - n) n); guidance is off when cfg_interval > -1 and i > cfg_interval."""
+        """The official cfg_interval rule (YuqingWang1029/PAR `autoregressive/models/generate.py:generate`):
+        the prefill (g = 0) is always guided; a sequential step g < n has counter i = g - 1; the
+        parallel phase restarts, counting tokens i = 0, n, 2n, ... (i = (g - n) n); guidance is off
+        when cfg_interval > -1 and i > cfg_interval."""
         if g == 0 or cfg_interval <= -1:
             return True
         i = g - 1 if g < ar_token_num else (g - ar_token_num) * ar_token_num

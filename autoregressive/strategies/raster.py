@@ -1,10 +1,11 @@
 """`raster`: LlamaGen next-token prediction in raster order, one KV-cached step per token.
 
 Schedule: order = identity, group sizes 1 x N. Training shifts the codes by one (the class token
-predicts z_0, z_{t-1} predicts z_t). Sampling follows `specs/llamagen.md` section 7.1 through the
-shared group loop (`autoregressive/decoding/group_decode.py`): prefill the class token (both CFG
-halves in one batch `[labels ; null]`), then N - 1 decode steps, each feeding the last token to
-both halves; CFG before temperature / top-k / top-p.
+predicts z_0, z_{t-1} predicts z_t). Sampling follows the official `generate`
+(FoundationVision/LlamaGen `autoregressive/models/generate.py`) through the shared group loop
+(`autoregressive/decoding/group_decode.py`): prefill the class token (both CFG halves in one batch
+`[labels ; null]`), then N - 1 decode steps, each feeding the last token to both halves; CFG before
+temperature / top-k / top-p.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`var`: VAR next-scale prediction, one KV-cached step per scale (`specs/var.md`).
+"""`var`: VAR next-scale prediction, one KV-cached step per scale (official: FoundationVision/VAR).
 
 Codes are the multi-scale ids of VAR's VQVAE (`tokenizer/msvq.py`) concatenated scale after scale,
 (B, L) with L = sum pn^2 (680 at 256 px). Schedule: order = identity over those L tokens, one group

@@ -16,7 +16,7 @@ from --v-patch-nums or the official list of --image-size:
     python autoregressive/train/extract_codes_c2i.py --vq-model MSVQ-16 --vq-ckpt pretrained_models/vae_ch160v4096z32.pth \
         --data-path imagenet/train --code-path codes/imagenet_var --image-size 256
 
-Writes, as the official `extract_codes_c2i.py` does (`specs/llamagen.md` section 4),
+Writes, as the official `extract_codes_c2i.py` of FoundationVision/LlamaGen does,
 `<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and `<dataset><S>_labels/<k>.npy`
 int64 (1,), k = the image's index in the data set; rank r encodes k = r, r+W, r+2W, ... (no padding
 duplicates). Views: without --ten-crop the ADM centre crop and its mirror (num_aug 2); with it the ten
@@ -302,7 +302,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags (official names and defaults, `specs/llamagen.md` section 4)
+# Flags (official names and defaults of LlamaGen's `autoregressive/train/extract_codes_c2i.py`)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ Several (torchrun; what scripts/autoregressive/train_c2i.sh runs):
 Resume a killed run from its last complete checkpoint (same data order, same weights):
     python autoregressive/train/train_c2i.py ... --resume results/000-GPT-B-raster
 
-The official LlamaGen flags keep their names and defaults (`specs/llamagen.md` section 6); what
+The official LlamaGen flags (its `autoregressive/train/train_c2i.py`) keep their names and defaults; what
 differs between strategies lives in `autoregressive/strategies/` (the `--strategy` registry).
 """
 from __future__ import annotations
@@ -386,7 +386,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags (official names and defaults, `specs/llamagen.md` section 6)
+# Flags (official names and defaults of LlamaGen's `autoregressive/train/train_c2i.py`)
 # ---------------------------------------------------------------------------------------------
 
 

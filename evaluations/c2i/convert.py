@@ -1,6 +1,6 @@
 """Weights of the Inception backends: where they come from, how to get them, how to convert them.
 
-Two files serve the two backends (spec `../shared/specs/evaluation.md` sections 2 and 7):
+Two files serve the two backends:
 
 - `classify_image_graph_def.pb`, the ADM Inception graph for the `tf` backend, published at
   `INCEPTION_GRAPH_URL` (no checksum published; a downloaded graph is checked by reading it);

@@ -8,7 +8,7 @@ LlamaGen's copy, which also writes the five lines to `<sample without .npz>.txt`
 `tf` runs the original graph `classify_image_graph_def.pb` through TensorFlow (downloaded to
 `pretrained_models/` if absent); `torch` runs our PyTorch port of that graph with converted
 weights (`python -m evaluations.c2i.convert`), on the GPU when there is one. The reference
-statistics are cached beside the reference batch per backend. Spec: `specs/evaluation.md`.
+statistics are cached beside the reference batch per backend.
 """
 from __future__ import annotations
 

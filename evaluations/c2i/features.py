@@ -63,7 +63,7 @@ class TorchInceptionBackend:
     @torch.no_grad()
     def __call__(self, images: np.ndarray):
         x = torch.tensor(images, device=self.device)  # a copy: batches read from a file are read-only
-        # TF32 convolutions drift by ~1e-3 from the float32 graph (spec section 7): keep them off,
+        # TF32 convolutions drift by ~1e-3 from the float32 graph: keep them off,
         # scoped to this call rather than switched globally.
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             pool, mixed_6_conv, logits = self.model(x)

@@ -1,11 +1,12 @@
 """The `tf` backend: the original ADM Inception graph run by TensorFlow (compat.v1 session).
 
-As the official evaluator does (spec section 3): the float32 image batch is bound to the graph's
-`ExpandDims:0` through `input_map`; `pool_3:0` and `mixed_6/conv:0[..., :7]` are fetched; the
-graph is imported a second time and the second input of `softmax/logits/MatMul` (the [2048, K]
-weight) multiplies a pool placeholder, softmax without `softmax/biases`. The session allows soft
-placement and GPU memory growth. The TTUR batch-1 shape hack (`_update_shapes`) only relaxes static
-shapes on the Python side; the outputs here are reshaped with numpy, so it is not needed.
+As the official evaluator (openai/guided-diffusion `evaluations/evaluator.py`) does: the float32
+image batch is bound to the graph's `ExpandDims:0` through `input_map`; `pool_3:0` and
+`mixed_6/conv:0[..., :7]` are fetched; the graph is imported a second time and the second input of
+`softmax/logits/MatMul` (the [2048, K] weight) multiplies a pool placeholder, softmax without
+`softmax/biases`. The session allows soft placement and GPU memory growth. The TTUR batch-1 shape
+hack (`_update_shapes`) only relaxes static shapes on the Python side; the outputs here are
+reshaped with numpy, so it is not needed.
 
 TensorFlow is imported when the backend is built, never at module import, so everything else runs
 without it.

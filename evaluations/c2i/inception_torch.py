@@ -1,7 +1,7 @@
 """A PyTorch implementation of the ADM Inception graph (`classify_image_graph_def.pb`, 2015-12-05).
 
-It computes the tensors the ADM evaluator reads from the TensorFlow graph (spec
-`../shared/specs/evaluation.md` sections 3 and 7):
+It computes the tensors the ADM evaluator (openai/guided-diffusion `evaluations/evaluator.py`) reads
+from the TensorFlow graph:
 
 - input: uint8 NHWC images 0..255 fed where the graph's `ExpandDims:0` is (after its JPEG decode);
 - `ResizeBilinear` to 299x299 with TF1 semantics (`align_corners=False`, no half-pixel centres,

@@ -1,7 +1,7 @@
 """The ADM evaluator's statistics: Fréchet distance (FID, sFID), Inception Score, precision/recall.
 
 Each function follows `openai/guided-diffusion@22e0df81:evaluations/evaluator.py` (the file
-LlamaGen ships as `evaluations/c2i/evaluator.py`), spec `../shared/specs/evaluation.md` section 4:
+LlamaGen ships as `evaluations/c2i/evaluator.py`):
 
 - `compute_statistics`: `mu` = mean over rows in the activations' dtype, `sigma = np.cov` (float64).
 - `frechet_distance`: `sqrtm(sigma1 @ sigma2)`, the eps-on-the-diagonal retry when that is not
@@ -56,7 +56,7 @@ def compute_statistics(activations: np.ndarray) -> FIDStatistics:
 def _trace_sqrt_product_cholesky(sigma1: np.ndarray, sigma2: np.ndarray) -> float | None:
     """`tr sqrtm(sigma1 @ sigma2)` through `sigma2 = L L^T`: `sigma1 @ sigma2` is similar to the
     symmetric PSD `L^T sigma1 L`, so the trace is the sum of the square roots of its eigenvalues
-    (spec section 4: agrees with `sqrtm` to ~1e-8 relative). None when `sigma2` is not positive
+    (agrees with `sqrtm` to ~1e-8 relative on the `adm_eval` fixtures). None when `sigma2` is not positive
     definite (rank-deficient statistics), where only the official route applies."""
     s1, s2 = torch.from_numpy(np.asarray(sigma1, np.float64)), torch.from_numpy(np.asarray(sigma2, np.float64))
     chol, info = torch.linalg.cholesky_ex(s2)
@@ -162,8 +162,8 @@ def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     Official: `max(|u|^2 - 2 u.v + |v|^2, 0)` on inputs cast to float16; if the whole block is
     finite it is used (cast to float32), else the block is recomputed in float32. We emulate the
-    float16 graph by rounding after each operation (TF's own summation order is not reproducible,
-    spec section 4), which is exact whenever the values are small integers.
+    float16 graph by rounding after each operation (TF's own summation order is not reproducible
+    by another library), which is exact whenever the values are small integers.
     """
     def block(a: torch.Tensor, b: torch.Tensor, rnd) -> torch.Tensor:
         na = rnd((a * a).sum(1, keepdim=True))
