@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
 from utils.checkpoint import CheckpointError, check_state_dict, extract_weights, load_checkpoint
 
 #: `--pn` aliases of the official `utils/arg_util.py`.
@@ -103,70 +104,18 @@ class MSVQConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder / decoder blocks (models/basic_vae.py)
+# Encoder / decoder (models/basic_vae.py; blocks: tokenizer/blocks.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+def var_resnet_block(cin: int, cout: int, dropout: float, groups: int) -> ResnetBlock:
+    """VAR's `ResnetBlock`: the shared block with `F.silu`, as `basic_vae.py` calls it."""
+    return ResnetBlock(cin, cout, dropout, groups, act=F.silu)
 
 
-class ResnetBlock(nn.Module):
-    """`nin(x) + conv2(drop(silu(norm2(conv1(silu(norm1(x)))))))`; nin is a 1x1 conv when widths differ."""
-
-    def __init__(self, cin: int, cout: int, dropout: float, groups: int):
-        super().__init__()
-        self.norm1 = group_norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2 = group_norm(cout, groups)
-        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all h*w positions; q, k, v from ONE 1x1 conv (official
-    VAR layout, unlike taming's three convs)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = group_norm(channels, groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # each (B, C, hw)
-        attn = torch.bmm(q.transpose(1, 2), k).mul_(c ** -0.5).softmax(dim=2)  # (B, hw_q, hw_k)
-        out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)  # (B, C, hw_q)
-        return x + self.proj_out(out)
-
-
-class Downsample2x(nn.Module):
-    """Zero-pad right/bottom by 1, then a 3x3 stride-2 conv without padding."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2x(nn.Module):
-    """Nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+def var_attn_block(channels: int, groups: int) -> AttnBlock:
+    """VAR's `AttnBlock`: q, k, v from ONE 1x1 conv `qkv` (unlike taming's three convs)."""
+    return AttnBlock(channels, groups, fused_qkv=True)
 
 
 def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module | None) -> nn.Module:
@@ -175,7 +124,7 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module 
     level.block = nn.ModuleList(blocks)
     level.attn = nn.ModuleList(attns)
     if resample is not None:
-        setattr(level, "downsample" if isinstance(resample, Downsample2x) else "upsample", resample)
+        setattr(level, "downsample" if isinstance(resample, Downsample) else "upsample", resample)
     return level
 
 
@@ -194,16 +143,16 @@ class Encoder(nn.Module):
             cout = ch * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(cin, cout, dropout, groups))
+                blocks.append(var_resnet_block(cin, cout, dropout, groups))
                 cin = cout
                 if lvl == n - 1:
-                    attns.append(AttnBlock(cin, groups))
-            self.down.append(_level(blocks, attns, Downsample2x(cin) if lvl != n - 1 else None))
+                    attns.append(var_attn_block(cin, groups))
+            self.down.append(_level(blocks, attns, Downsample(cin) if lvl != n - 1 else None))
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cin, cin, dropout, groups)
-        self.mid.attn_1 = AttnBlock(cin, groups)
-        self.mid.block_2 = ResnetBlock(cin, cin, dropout, groups)
-        self.norm_out = group_norm(cin, groups)
+        self.mid.block_1 = var_resnet_block(cin, cin, dropout, groups)
+        self.mid.attn_1 = var_attn_block(cin, groups)
+        self.mid.block_2 = var_resnet_block(cin, cin, dropout, groups)
+        self.norm_out = Normalize(cin, groups)
         self.conv_out = nn.Conv2d(cin, z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,21 +179,21 @@ class Decoder(nn.Module):
         cin = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, cin, 3, 1, 1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cin, cin, dropout, groups)
-        self.mid.attn_1 = AttnBlock(cin, groups)
-        self.mid.block_2 = ResnetBlock(cin, cin, dropout, groups)
+        self.mid.block_1 = var_resnet_block(cin, cin, dropout, groups)
+        self.mid.attn_1 = var_attn_block(cin, groups)
+        self.mid.block_2 = var_resnet_block(cin, cin, dropout, groups)
         levels = []
         for lvl in reversed(range(n)):
             cout = ch * ch_mult[lvl]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, cout, dropout, groups))
+                blocks.append(var_resnet_block(cin, cout, dropout, groups))
                 cin = cout
                 if lvl == n - 1:
-                    attns.append(AttnBlock(cin, groups))
-            levels.insert(0, _level(blocks, attns, Upsample2x(cin) if lvl != 0 else None))
+                    attns.append(var_attn_block(cin, groups))
+            levels.insert(0, _level(blocks, attns, Upsample(cin) if lvl != 0 else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(cin, groups)
+        self.norm_out = Normalize(cin, groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
     @property
