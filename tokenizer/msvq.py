@@ -15,7 +15,6 @@ SN number of scales, L = sum pn^2 tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -26,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer.blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
-from utils.checkpoint import CheckpointError, check_state_dict, extract_weights, load_checkpoint
+from utils.checkpoint import (CheckpointError, check_state_dict, extract_weights, load_checkpoint,
+                              state_dict_sha256)
 
 #: `--pn` aliases of the official `utils/arg_util.py`.
 PATCH_NUMS = {
@@ -588,20 +588,14 @@ def msvq_identity(model: MultiScaleVQVAE, source: str = "") -> dict:
     """What identifies a multi-scale VQVAE for code folders (as `tokenizer.loading.tokenizer_identity`
     for LlamaGen's): its config (with the drivers' names `codebook_size` / `codebook_embed_dim` for
     vocabulary and code width) and a hash of its weights, the usage statistics left out."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if k == USAGE_BUFFER:
-            continue
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     config = {**msvq_config_dict(model), "kind": "msvq", "codebook_size": model.config.vocab_size,
               "codebook_embed_dim": model.config.z_channels}
-    return {"config": config, "weights_sha256": h.hexdigest(), "source": source}
+    return {"config": config, "weights_sha256": state_dict_sha256(model, {USAGE_BUFFER}), "source": source}
 
 
 def load_msvq(path: str | os.PathLike, patch_nums: Sequence[int] | None = None,
               map_location: str | torch.device = "cpu", image_size: int | None = None,
-              **config: Any) -> MultiScaleVQVAE:
+              prefer_ema: bool = False, **config: Any) -> MultiScaleVQVAE:
     """Load a multi-scale VQVAE strictly, frozen and in eval mode.
 
     The official `vae_ch160v4096z32.pth` is a flat state dict: it is built with the official
@@ -609,7 +603,8 @@ def load_msvq(path: str | os.PathLike, patch_nums: Sequence[int] | None = None,
     256 and 512 px lists). Our training checkpoints record `msvq_config`, which then builds the
     model and must agree with the requested `patch_nums`. A LlamaGen VQ checkpoint is refused.
     `image_size` (optional) picks the official patch_nums of a flat file when `patch_nums` is None
-    and must fit the loaded model (image = downsampling * last scale).
+    and must fit the loaded model (image = downsampling * last scale). `prefer_ema` takes the
+    checkpoint's EMA weights when it has them.
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     what = f"multi-scale VQVAE checkpoint {path}"
@@ -633,7 +628,7 @@ def load_msvq(path: str | os.PathLike, patch_nums: Sequence[int] | None = None,
     if image_size is not None and cfg.image_size != image_size:
         raise CheckpointError(f"{what} encodes {cfg.image_size} px images (patch_nums {cfg.v_patch_nums}, "
                               f"downsampling {cfg.downsample}), not {image_size} px")
-    weights = extract_weights(ckpt, what=what)
+    weights = extract_weights(ckpt, prefer_ema=prefer_ema, what=what)
     if any(k == "quantize.codebook_used" or k.startswith("encoder.conv_blocks.") for k in weights):
         raise CheckpointError(f"{what} is a LlamaGen VQ tokenizer; VAR needs its multi-scale VQVAE "
                               f"(e.g. vae_ch160v4096z32.pth)")

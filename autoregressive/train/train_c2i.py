@@ -25,8 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from autoregressive.strategies import add_strategy_arguments, get_strategy, model_size_names, strategy_names
+from autoregressive.strategies.base import Strategy
 from dataset.codes import CodeDataset, check_codes_compatible
 from dataset.image_folder import check_class_index
+from tokenizer.registry import check_codes, load_tokenizer
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.ema import make_ema, update_ema
@@ -82,6 +84,18 @@ def arch_flags(strategy_name: str) -> tuple[str, ...]:
     return ARCH_FLAGS + tuple(strategy.arch_flags) + tuple(strategy.schedule_flags)
 
 
+def hand_over_tokenizer(strategy: Strategy, args: argparse.Namespace) -> torch.nn.Module | None:
+    """A strategy that trains with its tokenizer (`tokenizer_flag`; VAR's next-scale inputs come from
+    its VQVAE) gets it loaded through the tokenizer registry; the others train on codes alone."""
+    path = strategy.tokenizer_path(args) if strategy.tokenizer_flag is not None else None
+    if not path:
+        return None
+    tokenizer = load_tokenizer(path, kind=strategy.tokenizer_kind, downsample=args.downsample_size,
+                               **strategy.tokenizer_options(args))
+    strategy.use_tokenizer(tokenizer)
+    return tokenizer
+
+
 def check_resume_args(saved: dict, args: argparse.Namespace, explicit: set[str] | None, logger) -> None:
     """Architecture flags come from the checkpoint; one given on the command line that contradicts
     it is an error (`explicit` None: every flag that differs from its default counts as given)."""
@@ -121,8 +135,11 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
     # Data: checked before anything is written ----------------------------------------------
     strategy = get_strategy(args.strategy)
     strategy.configure(args)  # bad strategy flags: refused before any folder exists
+    tokenizer = hand_over_tokenizer(strategy, args)
     data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size,
                        seed=args.global_seed)
+    if tokenizer is not None:  # its codebook builds the inputs: the codes must be this tokenizer's
+        check_codes(tokenizer, data.codes_dir, strategy.tokenizer_path(args))
     codes_info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
                                         codebook_size=args.vocab_size,
                                         num_tokens=strategy.code_length(args))
@@ -162,6 +179,7 @@ def main(args: argparse.Namespace, explicit: set[str] | None = None) -> Path:
     if ckpt is not None:  # the architecture flags may have come from the checkpoint: configure for them
         strategy = get_strategy(args.strategy)
         strategy.configure(args)
+        hand_over_tokenizer(strategy, args)
     model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
     if args.ema and is_sharded(args.data_parallel):
         raise ValueError(f"--ema needs the unsharded weights on every rank: use --data-parallel ddp "
