@@ -1,5 +1,8 @@
 """Reconstruct a validation set with a VQ tokenizer: PSNR, SSIM and ADM `.npz` files for rFID.
 
+Any tokenizer kind of `tokenizer/registry.py` (LlamaGen's VQ-*, VAR's MSVQ-*): the kind comes from
+--vq-model, else from the checkpoint itself.
+
 Protocol (official `reconstruction_vq_ddp.py` + `validation/val_ddp.py`, spec section 7.3): every
 image is ADM-centre-cropped to --image-size (`center_crop_arr`), encoded, decoded from its code
 indices, bicubic-resized to --image-size-eval when that differs, and turned into uint8 by
@@ -37,9 +40,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
-from tokenizer.loading import load_vq
 from tokenizer.metrics import OFFICIAL_SSIM_DATA_RANGE, psnr, ssim
-from tokenizer.vq_model import VQ_models
+from tokenizer.registry import codebook, decode, encode, load_tokenizer, size_names
 from utils.checkpoint import save_npz
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
@@ -72,8 +74,8 @@ class CenterCrops(Dataset):
 def reconstruct(vq_model, x: torch.Tensor, image_size_eval: int) -> tuple[np.ndarray, np.ndarray]:
     """(reconstructions uint8 (B,S',S',3), ground truth float (B,S',S',3) in [0,1]) as the official:
     decode from the code indices; bicubic-resize both when S' differs; uint8 by truncation."""
-    latent, _, (_, _, indices) = vq_model.encode(x)
-    samples = vq_model.decode_code(indices, latent.shape)
+    grid = x.shape[-2] // vq_model.downsample, x.shape[-1] // vq_model.downsample
+    samples = decode(vq_model, encode(vq_model, x), grid)
     gt = x.float()
     if image_size_eval != x.shape[-1]:
         gt = F.interpolate(gt, size=(image_size_eval, image_size_eval), mode="bicubic")
@@ -124,17 +126,18 @@ def main(args):
     logger = create_logger("reconstruction_vq", None, rank)
 
     # Load the tokenizer (strict; EMA weights when the checkpoint has them, as the official):
-    vq_model = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim,
-                       prefer_ema=not args.no_ema).to(device)
+    vq_model = load_tokenizer(args.vq_ckpt, args.vq_model, codebook_size=args.codebook_size,
+                              codebook_embed_dim=args.codebook_embed_dim, image_size=args.image_size,
+                              prefer_ema=not args.no_ema).to(device)
     model_name = args.vq_model or "VQ"
     if args.image_size % vq_model.downsample != 0:
         raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the tokenizer's "
                          f"downsampling factor {vq_model.downsample}")
 
     # Output folder, named after what produced it; refuse to mix shards of other settings:
-    cfg = vq_model.config
+    codebook_size, codebook_dim = codebook(vq_model)
     folder_name = (f"{model_name}-{Path(args.vq_ckpt).stem}-{args.dataset}-size-{args.image_size}-size-"
-                   f"{args.image_size_eval}-codebook-size-{cfg.codebook_size}-dim-{cfg.codebook_embed_dim}"
+                   f"{args.image_size_eval}-codebook-size-{codebook_size}-dim-{codebook_dim}"
                    f"-seed-{args.global_seed}")
     sample_dir = Path(args.sample_dir)
     out_dir = sample_dir / folder_name
@@ -205,7 +208,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint (official or ours)")
-    g.add_argument("--vq-model", type=str, choices=list(VQ_models), default=None,
+    g.add_argument("--vq-model", type=str, choices=size_names(), default=None,
                    help="size; required for official files, checked against ours")
     g.add_argument("--codebook-size", type=int, default=16384, help="for official files")
     g.add_argument("--codebook-embed-dim", type=int, default=8, help="for official files")
