@@ -37,28 +37,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoregressive.strategies import parse_driver_args, strategy_names
+from autoregressive.strategies import get_strategy, parse_driver_args, strategy_names
 from utils.cli import run_cli
 from utils.logger import create_logger, progress
 from utils.training import last_checkpoint
 
 VQ_MODEL, GPT_MODEL = "VQ-debug", "GPT-debug"
-#: The demo's tokenizers: LlamaGen's VQ for every strategy but VAR, which needs its multi-scale
-#: residual VQVAE (the 8x8 latent quantised at scales 1, 2, 4, 8: 85 ids per image).
+#: The demo's tokenizer per kind (`tokenizer/registry.py`), the one each strategy's `tokenizer_kind`
+#: names: LlamaGen's VQ for every strategy but VAR, which needs its multi-scale residual VQVAE (the
+#: 8x8 latent quantised at scales 1, 2, 4, 8: 85 ids per image). folder: its run folder under --out.
 TOKENIZERS: dict[str, dict] = {
-    "vq": dict(vq_model=VQ_MODEL, flags=(), train_flags=()),
+    "vq": dict(vq_model=VQ_MODEL, folder="tokenizer", flags=(), train_flags=()),
     # few of its 512 codes are used on the digits: warn only below 2 % usage
-    "msvq": dict(vq_model="MSVQ-debug", flags=("--codebook-embed-dim", "8", "--v-patch-nums", "1_2_4_8"),
+    "msvq": dict(vq_model="MSVQ-debug", folder="tokenizer_msvq",
+                 flags=("--codebook-embed-dim", "8", "--v-patch-nums", "1_2_4_8"),
                  train_flags=("--usage-warn-below", "0.02")),
 }
 VAR_PATCH_NUMS = "1_2_4_8"
 IMAGE_SIZE, DOWNSAMPLE, CODEBOOK_SIZE, NUM_CLASSES = 32, 4, 512, 10
 
-#: What a demo run may set; anything not given takes these values. tokenizer: a TOKENIZERS key;
-#: gpt_model None = --gpt-model;
+#: What a demo run may set; anything not given takes these values. gpt_model None = --gpt-model;
 #: gpt_steps None = --gpt-steps; train_flags / sample_flags = the strategy's own flags (argv lists);
 #: steps = decoding steps (--steps) for the parallel strategies.
-DEFAULT_RUN = dict(tokenizer="vq", gpt_model=None, gpt_steps=None, lr=1e-3, train_flags=(), cfg_scale=2.0, temperature=1.0,
+DEFAULT_RUN = dict(gpt_model=None, gpt_steps=None, lr=1e-3, train_flags=(), cfg_scale=2.0, temperature=1.0,
                    top_k=0, top_p=1.0, steps=None, sample_flags=())
 #: The demo's runs per strategy: each is one row of the table and one grid. Runs of a strategy with
 #: the same model settings share one trained GPT. A registered strategy not listed gets one run
@@ -78,7 +79,7 @@ DEMO_RUNS: dict[str, list[dict]] = {
     "lpd": [dict(gpt_model="LPD-debug", steps=16, label="lpd-16", sample_flags=("--sample-schedule", "cosine")),
             dict(gpt_model="LPD-debug", steps=8, label="lpd-8", sample_flags=("--sample-schedule", "cosine"))],
     # its own tokenizer; 4 scales = 4 decoding steps
-    "var": [dict(tokenizer="msvq", gpt_model="VAR-debug", train_flags=("--pn", VAR_PATCH_NUMS),
+    "var": [dict(gpt_model="VAR-debug", train_flags=("--pn", VAR_PATCH_NUMS),
                  sample_flags=("--pn", VAR_PATCH_NUMS))],
 }
 QUICK = dict(vq_steps=20, gpt_steps=20, per_class=2, classifier_epochs=1, extract_limit=None)
@@ -89,7 +90,8 @@ def demo_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
     runs = []
     for name in names:
         for run in DEMO_RUNS.get(name, [{}]):
-            r = {**DEFAULT_RUN, "label": name, **run, "strategy": name}
+            r = {**DEFAULT_RUN, "label": name, **run, "strategy": name,
+                 "tokenizer": get_strategy(name).tokenizer_kind}  # a TOKENIZERS key
             r["gpt_model"] = r["gpt_model"] or args.gpt_model
             if args.gpt_lr is not None:
                 r["lr"] = args.gpt_lr
@@ -195,9 +197,10 @@ def stage_classifier(out: Path, args, logger):
 
 def stage_tokenizer(out: Path, args, logger, kind: str = "vq"):
     from tokenizer import train_vq
+    from utils.run import given_flags
 
     vq_model = TOKENIZERS[kind]["vq_model"]
-    results = out / ("tokenizer" if kind == "vq" else f"tokenizer_{kind}")
+    results = out / TOKENIZERS[kind]["folder"]
     ckpt, partial = final_checkpoint(results, vq_model, args.vq_steps)
     if ckpt is not None:
         logger.info(f"reusing the tokenizer {ckpt}")
@@ -214,7 +217,7 @@ def stage_tokenizer(out: Path, args, logger, kind: str = "vq"):
         logger.info(f"resuming the unfinished tokenizer run {partial}")
         argv += ["--resume", str(partial)]
     parser = train_vq.get_parser()
-    train_vq.main(parser.parse_args(argv), {k: parser.get_default(k) for k in vars(parser.parse_args([]))})
+    train_vq.main(parser.parse_args(argv), given_flags(parser, argv))
     ckpt, _ = final_checkpoint(results, vq_model, args.vq_steps)
     if ckpt is None:
         raise RuntimeError(f"the tokenizer run under {results} did not write {args.vq_steps:07d}.pt")
@@ -226,14 +229,14 @@ def stage_reconstruction(out: Path, vq_ckpt: Path, clf, device, logger):
     from utils.shards import to_uint8
     from dataset.digits import as_tensor_batch
     from evaluations.digits_classifier import accuracy
-    from tokenizer.loading import load_vq
+    from tokenizer.registry import load_tokenizer
 
     path = out / "reconstruction.png"
     info_path = out / "reconstruction.json"
     if path.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("vq_ckpt") == str(vq_ckpt):
         logger.info(f"reusing {path}")
         return json.loads(info_path.read_text()), True
-    vq = load_vq(str(vq_ckpt), VQ_MODEL, CODEBOOK_SIZE, 8).to(device).eval()
+    vq = load_tokenizer(vq_ckpt, VQ_MODEL, codebook_size=CODEBOOK_SIZE, codebook_embed_dim=8).to(device)
     x, y = as_tensor_batch("heldout", IMAGE_SIZE)
     with torch.no_grad():
         rec = torch.cat([vq(x[i: i + 128].to(device))[0].float().cpu() for i in range(0, len(x), 128)])
@@ -292,8 +295,9 @@ def stage_gpt(out: Path, run: dict, code_path: Path, vq_ckpt: Path, args, logger
             "--log-every", "50", "--ckpt-every", str(max(steps // 2, 1)), "--device", args.device,
             "--dropout-p", str(args.gpt_dropout), "--token-dropout-p", str(args.gpt_dropout),
             *run["train_flags"]]
-    if run["tokenizer"] == "msvq":  # VAR builds its next-scale inputs with its VQVAE
-        argv += ["--vae-ckpt", str(vq_ckpt)]
+    flag = get_strategy(name).tokenizer_flag  # a strategy that trains with its tokenizer (VAR) names it
+    if flag is not None:
+        argv += [flag, str(vq_ckpt)]
     if partial is not None:
         logger.info(f"resuming the unfinished {name} GPT run {partial}")
         argv += ["--resume", str(partial)]

@@ -65,6 +65,7 @@ from autoregressive.decoding.logits import cfg_labels, combine_cfg, sample_from_
 from autoregressive.decoding.row_rng import RowRNG, image_seeds  # noqa: E402
 from autoregressive.sample.common import add_sampling_args  # noqa: E402
 from autoregressive.strategies import STRATEGIES, get_strategy  # noqa: E402
+from tokenizer.registry import get_kind  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
@@ -193,9 +194,9 @@ def build_case(case: Case, size: str, args: argparse.Namespace, device: torch.de
     strategy.configure(sargs, training=False)
     grid = args.image_size // args.downsample_size
     vocab = case.vocab_size or args.vocab_size
-    if case.strategy == "var":  # next-scale inputs come from the VQVAE's codebook: a random one
-        from tokenizer.msvq import build_msvq
-        strategy.use_tokenizer(build_msvq(vocab_size=vocab, v_patch_nums=tuple(strategy.patch_nums)))
+    if strategy.tokenizer_flag is not None:  # it generates with its tokenizer (VAR's next-scale inputs): a random one
+        kind = get_kind(strategy.tokenizer_kind)
+        strategy.use_tokenizer(kind.build_release(vocab, strategy.tokenizer_options(sargs).get("patch_nums")))
     model = strategy.build_model(case.sizes[size], vocab_size=vocab, block_size=grid * grid,
                                  num_classes=args.num_classes, **strategy.model_config(sargs))
     for p in model.parameters():  # informative logits (some official inits zero the head)

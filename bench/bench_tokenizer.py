@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.loading import build_vq, load_vq  # noqa: E402
-from tokenizer.vq_model import VQ_models  # noqa: E402
+from tokenizer.registry import kind_of_model, kind_of_size, load_tokenizer, size_names  # noqa: E402
 
 MODES = ("eager", "channels_last", "compile")
 
@@ -48,14 +47,21 @@ def time_fn(fn, arg: torch.Tensor, warmup: int, iters: int, device: torch.device
 
 def prepare(model: torch.nn.Module, mode: str):
     """(encode fn, decode fn, input memory format) for one mode."""
+    kind = kind_of_model(model)
+
+    def enc(x: torch.Tensor) -> torch.Tensor:
+        return kind.encode(model, x)
+
+    def dec(codes: torch.Tensor) -> torch.Tensor:
+        return kind.decode(model, codes)
+
     if mode == "eager":
-        return model.encode_to_indices, model.decode_indices, torch.contiguous_format
+        return enc, dec, torch.contiguous_format
     if mode == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-        return model.encode_to_indices, model.decode_indices, torch.channels_last
+        return enc, dec, torch.channels_last
     if mode == "compile":
-        return (torch.compile(model.encode_to_indices), torch.compile(model.decode_indices),
-                torch.contiguous_format)
+        return torch.compile(enc), torch.compile(dec), torch.contiguous_format
     raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
 
 
@@ -66,10 +72,13 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.vq_ckpt:
-        model = load_vq(args.vq_ckpt, args.vq_model, map_location="cpu")
+        model = load_tokenizer(args.vq_ckpt, args.vq_model, codebook_size=args.codebook_size,
+                               codebook_embed_dim=args.codebook_embed_dim, image_size=args.image_size)
         weights = args.vq_ckpt
     else:
-        model = build_vq(args.vq_model)
+        model = kind_of_size(args.vq_model).build(args.vq_model, codebook_size=args.codebook_size,
+                                                  codebook_embed_dim=args.codebook_embed_dim,
+                                                  image_size=args.image_size)
         weights = "random (no --vq-ckpt; throughput does not depend on the weights)"
     model = model.to(device).eval()
     f = model.downsample
@@ -123,8 +132,10 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
-    parser.add_argument("--vq-model", choices=list(VQ_models), default="VQ-16")
+    parser.add_argument("--vq-model", choices=size_names(), default="VQ-16")
     parser.add_argument("--vq-ckpt", default=None, help="tokenizer checkpoint; random weights if absent")
+    parser.add_argument("--codebook-size", type=int, default=16384, help="codebook entries (VAR's release: 4096)")
+    parser.add_argument("--codebook-embed-dim", type=int, default=8, help="code width (VAR's release: 32)")
     # Workload
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=256)

@@ -14,6 +14,7 @@ from autoregressive.decoding.logits import combine_cfg
 from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.strategies.var import VarStrategy, lr_wd_factors
 from tokenizer.msvq import build_msvq, load_msvq, msvq_checkpoint
+from tokenizer.registry import load_tokenizer
 from tokenizer.vq_model import VQ_models
 from tests.test_train_c2i import losses, run
 from tests.torchrun import torchrun
@@ -244,7 +245,8 @@ def test_llamagen_tokenizer_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
         load_msvq(tmp_path / "vq.pt")
     with pytest.raises(CheckpointError, match="LlamaGen VQ tokenizer"):
-        VarStrategy().configure(var_args(vae_ckpt=str(tmp_path / "vq.pt")), training=False)
+        load_tokenizer(tmp_path / "vq.pt", kind=VarStrategy.tokenizer_kind, patch_nums=PN)
+    VarStrategy().configure(var_args(vae_ckpt=str(tmp_path / "absent.pt")), training=False)  # configure reads no file
 
 
 @pytest.mark.parametrize("other", [dict(patch_nums=(1, 2, 4)), dict(vocab_size=32)],
@@ -307,7 +309,7 @@ def test_extracted_codes_train_on_two_ranks(tmp_path):
     """Multi-scale codes from `extract_codes_c2i.py` (a tiny folder, our VQVAE checkpoint), then
     torchrun, 2 CPU ranks, official flag names (--depth --tblr --bs --ep --wpe): the loss falls.
     Codes of another VQVAE are refused before training."""
-    from autoregressive.train import extract_codes_c2i
+    from autoregressive.train import extract_codes_c2i, train_c2i
     from dataset.digits import digit_to_pil, load_digits_arrays
     from dataset.codes import CodesError
 
@@ -324,15 +326,18 @@ def test_extracted_codes_train_on_two_ranks(tmp_path):
          "--vq-ckpt", str(tmp_path / "msvq.pt"), "--code-path", str(codes), "--num-workers", "0", "--device", "cpu"]))
     assert np.load(codes / "folder48_codes" / "0.npy").shape == (1, 2, 14)  # image and mirror, 1 + 4 + 9 ids
 
-    torch.save(msvq_checkpoint(tiny_tokenizer(ch=4)), tmp_path / "other.pt")
-    with pytest.raises(CodesError, match="another tokenizer"):
-        VarStrategy().configure(var_args(code_path=str(codes), dataset="folder", vae_ckpt=str(tmp_path / "other.pt")), training=True)
-
     train = ["autoregressive/train/train_c2i.py", "--strategy", "var", "--code-path", str(codes),
            "--dataset", "folder", "--image-size", "48", "--pn", "1_2_3", "--vae-ckpt", str(tmp_path / "msvq.pt"),
            "--vocab-size", "16", "--num-classes", "10", "--depth", "2", "--alng", "1e-3",
            "--dropout-p", "0", "--token-dropout-p", "0", "--bs", "8", "--ep", "3", "--tblr", "0.1",
            "--wpe", "0.1", "--num-workers", "0", "--log-every", "3", "--ckpt-every", "100", "--device", "cpu"]
+    # The driver refuses codes of another VQVAE before any folder exists.
+    torch.save(msvq_checkpoint(tiny_tokenizer(ch=4)), tmp_path / "other.pt")
+    other = [a if a != str(tmp_path / "msvq.pt") else str(tmp_path / "other.pt") for a in train[1:]]
+    with pytest.raises(CodesError, match="another tokenizer"):
+        train_c2i.main(train_c2i.build_parser().parse_args([*other, "--results-dir", str(tmp_path / "refused")]))
+    assert not (tmp_path / "refused").exists()
+
     res = run([*torchrun(2), *train, "--results-dir", str(tmp_path / "results")])
     assert res.returncode == 0, res.stderr[-3000:]
     curve = losses(res.stderr)

@@ -16,6 +16,7 @@ import torch
 from autoregressive.strategies.var import VarStrategy
 from autoregressive.train import extract_codes_c2i
 from tokenizer.msvq import MultiScaleVQVAE, build_msvq_named, load_msvq, msvq_checkpoint
+from tokenizer.registry import load_tokenizer
 from tests.test_train_vq import only_run, run
 from utils.checkpoint import CheckpointError, load_checkpoint
 
@@ -59,7 +60,10 @@ def test_loss_falls_and_checkpoint_loads_as_var_tokenizer(trained):
                               saln=False, anorm=True, ls=0.0, more_smooth=False, aln=0.5, alng=1e-5, hd=0.02,
                               ini=-1, wpe=None, vae_ckpt=None, vq_ckpt=str(trained / "checkpoints" / "0000012.pt"))
     strategy.configure(args, training=False)
-    assert isinstance(strategy.load_tokenizer(args), MultiScaleVQVAE)
+    tokenizer = load_tokenizer(strategy.tokenizer_path(args), kind=strategy.tokenizer_kind,
+                               **strategy.tokenizer_options(args))
+    strategy.use_tokenizer(tokenizer)
+    assert isinstance(tokenizer, MultiScaleVQVAE) and strategy.tokenizer is tokenizer
 
 
 def test_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):

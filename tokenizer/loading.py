@@ -7,7 +7,6 @@ of another model or size is refused with the missing, unexpected and mis-shaped 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict
 from typing import Any
@@ -15,7 +14,8 @@ from typing import Any
 import torch
 
 from tokenizer.vq_model import VQConfig, VQModel, VQ_models
-from utils.checkpoint import CheckpointError, extract_weights, load_checkpoint, load_state_dict_strict
+from utils.checkpoint import (CheckpointError, extract_weights, load_checkpoint, load_state_dict_strict,
+                              state_dict_sha256)
 
 
 def build_vq(vq_model: str, codebook_size: int = 16384, codebook_embed_dim: int = 8,
@@ -60,10 +60,6 @@ def tokenizer_identity(model: VQModel, weights_hint: str = "") -> dict:
     Codes from two tokenizers must never be mixed, so code extraction records this beside the codes
     and refuses to add codes to a folder whose identity differs.
     """
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if k.endswith("codebook_used"):  # usage statistics, not part of the mapping
-            continue
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return {"config": asdict(model.config), "weights_sha256": h.hexdigest(), "source": weights_hint}
+    usage = {k for k in model.state_dict() if k.endswith("codebook_used")}  # statistics, not the mapping
+    return {"config": asdict(model.config), "weights_sha256": state_dict_sha256(model, usage),
+            "source": weights_hint}

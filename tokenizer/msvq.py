@@ -15,7 +15,6 @@ SN number of scales, L = sum pn^2 tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -25,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.checkpoint import CheckpointError, check_state_dict, extract_weights, load_checkpoint
+from tokenizer.blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
+from utils.checkpoint import (CheckpointError, check_state_dict, extract_weights, load_checkpoint,
+                              state_dict_sha256)
 
 #: `--pn` aliases of the official `utils/arg_util.py`.
 PATCH_NUMS = {
@@ -103,70 +104,18 @@ class MSVQConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder / decoder blocks (models/basic_vae.py)
+# Encoder / decoder (models/basic_vae.py; blocks: tokenizer/blocks.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+def var_resnet_block(cin: int, cout: int, dropout: float, groups: int) -> ResnetBlock:
+    """VAR's `ResnetBlock`: the shared block with `F.silu`, as `basic_vae.py` calls it."""
+    return ResnetBlock(cin, cout, dropout, groups, act=F.silu)
 
 
-class ResnetBlock(nn.Module):
-    """`nin(x) + conv2(drop(silu(norm2(conv1(silu(norm1(x)))))))`; nin is a 1x1 conv when widths differ."""
-
-    def __init__(self, cin: int, cout: int, dropout: float, groups: int):
-        super().__init__()
-        self.norm1 = group_norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2 = group_norm(cout, groups)
-        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all h*w positions; q, k, v from ONE 1x1 conv (official
-    VAR layout, unlike taming's three convs)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = group_norm(channels, groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # each (B, C, hw)
-        attn = torch.bmm(q.transpose(1, 2), k).mul_(c ** -0.5).softmax(dim=2)  # (B, hw_q, hw_k)
-        out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)  # (B, C, hw_q)
-        return x + self.proj_out(out)
-
-
-class Downsample2x(nn.Module):
-    """Zero-pad right/bottom by 1, then a 3x3 stride-2 conv without padding."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2x(nn.Module):
-    """Nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+def var_attn_block(channels: int, groups: int) -> AttnBlock:
+    """VAR's `AttnBlock`: q, k, v from ONE 1x1 conv `qkv` (unlike taming's three convs)."""
+    return AttnBlock(channels, groups, fused_qkv=True)
 
 
 def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module | None) -> nn.Module:
@@ -175,7 +124,7 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module 
     level.block = nn.ModuleList(blocks)
     level.attn = nn.ModuleList(attns)
     if resample is not None:
-        setattr(level, "downsample" if isinstance(resample, Downsample2x) else "upsample", resample)
+        setattr(level, "downsample" if isinstance(resample, Downsample) else "upsample", resample)
     return level
 
 
@@ -194,16 +143,16 @@ class Encoder(nn.Module):
             cout = ch * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(cin, cout, dropout, groups))
+                blocks.append(var_resnet_block(cin, cout, dropout, groups))
                 cin = cout
                 if lvl == n - 1:
-                    attns.append(AttnBlock(cin, groups))
-            self.down.append(_level(blocks, attns, Downsample2x(cin) if lvl != n - 1 else None))
+                    attns.append(var_attn_block(cin, groups))
+            self.down.append(_level(blocks, attns, Downsample(cin) if lvl != n - 1 else None))
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cin, cin, dropout, groups)
-        self.mid.attn_1 = AttnBlock(cin, groups)
-        self.mid.block_2 = ResnetBlock(cin, cin, dropout, groups)
-        self.norm_out = group_norm(cin, groups)
+        self.mid.block_1 = var_resnet_block(cin, cin, dropout, groups)
+        self.mid.attn_1 = var_attn_block(cin, groups)
+        self.mid.block_2 = var_resnet_block(cin, cin, dropout, groups)
+        self.norm_out = Normalize(cin, groups)
         self.conv_out = nn.Conv2d(cin, z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,21 +179,21 @@ class Decoder(nn.Module):
         cin = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, cin, 3, 1, 1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cin, cin, dropout, groups)
-        self.mid.attn_1 = AttnBlock(cin, groups)
-        self.mid.block_2 = ResnetBlock(cin, cin, dropout, groups)
+        self.mid.block_1 = var_resnet_block(cin, cin, dropout, groups)
+        self.mid.attn_1 = var_attn_block(cin, groups)
+        self.mid.block_2 = var_resnet_block(cin, cin, dropout, groups)
         levels = []
         for lvl in reversed(range(n)):
             cout = ch * ch_mult[lvl]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, cout, dropout, groups))
+                blocks.append(var_resnet_block(cin, cout, dropout, groups))
                 cin = cout
                 if lvl == n - 1:
-                    attns.append(AttnBlock(cin, groups))
-            levels.insert(0, _level(blocks, attns, Upsample2x(cin) if lvl != 0 else None))
+                    attns.append(var_attn_block(cin, groups))
+            levels.insert(0, _level(blocks, attns, Upsample(cin) if lvl != 0 else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(cin, groups)
+        self.norm_out = Normalize(cin, groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
     @property
@@ -639,20 +588,14 @@ def msvq_identity(model: MultiScaleVQVAE, source: str = "") -> dict:
     """What identifies a multi-scale VQVAE for code folders (as `tokenizer.loading.tokenizer_identity`
     for LlamaGen's): its config (with the drivers' names `codebook_size` / `codebook_embed_dim` for
     vocabulary and code width) and a hash of its weights, the usage statistics left out."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if k == USAGE_BUFFER:
-            continue
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     config = {**msvq_config_dict(model), "kind": "msvq", "codebook_size": model.config.vocab_size,
               "codebook_embed_dim": model.config.z_channels}
-    return {"config": config, "weights_sha256": h.hexdigest(), "source": source}
+    return {"config": config, "weights_sha256": state_dict_sha256(model, {USAGE_BUFFER}), "source": source}
 
 
 def load_msvq(path: str | os.PathLike, patch_nums: Sequence[int] | None = None,
               map_location: str | torch.device = "cpu", image_size: int | None = None,
-              **config: Any) -> MultiScaleVQVAE:
+              prefer_ema: bool = False, **config: Any) -> MultiScaleVQVAE:
     """Load a multi-scale VQVAE strictly, frozen and in eval mode.
 
     The official `vae_ch160v4096z32.pth` is a flat state dict: it is built with the official
@@ -660,7 +603,8 @@ def load_msvq(path: str | os.PathLike, patch_nums: Sequence[int] | None = None,
     256 and 512 px lists). Our training checkpoints record `msvq_config`, which then builds the
     model and must agree with the requested `patch_nums`. A LlamaGen VQ checkpoint is refused.
     `image_size` (optional) picks the official patch_nums of a flat file when `patch_nums` is None
-    and must fit the loaded model (image = downsampling * last scale).
+    and must fit the loaded model (image = downsampling * last scale). `prefer_ema` takes the
+    checkpoint's EMA weights when it has them.
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     what = f"multi-scale VQVAE checkpoint {path}"
@@ -684,7 +628,7 @@ def load_msvq(path: str | os.PathLike, patch_nums: Sequence[int] | None = None,
     if image_size is not None and cfg.image_size != image_size:
         raise CheckpointError(f"{what} encodes {cfg.image_size} px images (patch_nums {cfg.v_patch_nums}, "
                               f"downsampling {cfg.downsample}), not {image_size} px")
-    weights = extract_weights(ckpt, what=what)
+    weights = extract_weights(ckpt, prefer_ema=prefer_ema, what=what)
     if any(k == "quantize.codebook_used" or k.startswith("encoder.conv_blocks.") for k in weights):
         raise CheckpointError(f"{what} is a LlamaGen VQ tokenizer; VAR needs its multi-scale VQVAE "
                               f"(e.g. vae_ch160v4096z32.pth)")

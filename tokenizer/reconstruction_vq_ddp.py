@@ -1,5 +1,8 @@
 """Reconstruct a validation set with a VQ tokenizer: PSNR, SSIM and ADM `.npz` files for rFID.
 
+Any tokenizer kind of `tokenizer/registry.py` (LlamaGen's VQ-*, VAR's MSVQ-*): the kind comes from
+--vq-model, else from the checkpoint itself.
+
 Protocol (official LlamaGen `reconstruction_vq_ddp.py` + `tokenizer/validation/val_ddp.py`): every
 image is ADM-centre-cropped to --image-size (`center_crop_arr`), encoded, decoded from its code
 indices, bicubic-resized to --image-size-eval when that differs, and turned into uint8 by
@@ -37,13 +40,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
-from tokenizer.loading import load_vq
 from tokenizer.metrics import OFFICIAL_SSIM_DATA_RANGE, psnr, ssim
-from tokenizer.vq_model import VQ_models
-from utils.checkpoint import save_npz
+from tokenizer.registry import codebook, decode, encode, load_tokenizer, size_names
+from utils.checkpoint import file_sha256, save_npz
+from utils.cli import run_cli
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
-from utils.shards import SettingsMismatch, claim_shard_folder, finished_shards, shard_path, to_uint8
+from utils.shards import claim_shard_folder, finished_shards, shard_path, to_uint8
 
 #################################################################################
 #                                    Helpers                                    #
@@ -72,8 +75,8 @@ class CenterCrops(Dataset):
 def reconstruct(vq_model, x: torch.Tensor, image_size_eval: int) -> tuple[np.ndarray, np.ndarray]:
     """(reconstructions uint8 (B,S',S',3), ground truth float (B,S',S',3) in [0,1]) as the official:
     decode from the code indices; bicubic-resize both when S' differs; uint8 by truncation."""
-    latent, _, (_, _, indices) = vq_model.encode(x)
-    samples = vq_model.decode_code(indices, latent.shape)
+    grid = x.shape[-2] // vq_model.downsample, x.shape[-1] // vq_model.downsample
+    samples = decode(vq_model, encode(vq_model, x), grid)
     gt = x.float()
     if image_size_eval != x.shape[-1]:
         gt = F.interpolate(gt, size=(image_size_eval, image_size_eval), mode="bicubic")
@@ -116,44 +119,46 @@ def main(args):
 
     # Setup DDP:
     if args.split is not None and args.dataset != "digits":
-        raise SystemExit("error: --split applies to --dataset digits only; pass the validation folder "
+        raise ValueError("--split applies to --dataset digits only; pass the validation folder "
                          "as --data-path")
+    if args.per_proc_batch_size < 1 or args.image_size < 1 or args.image_size_eval < 1:
+        raise ValueError("--per-proc-batch-size, --image-size and --image-size-eval must be >= 1")
     args.split = args.split or "heldout"
     info = init_distributed(args.device)
     device, rank, world = info.device, info.rank, info.world_size
     logger = create_logger("reconstruction_vq", None, rank)
 
     # Load the tokenizer (strict; EMA weights when the checkpoint has them, as the official):
-    vq_model = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim,
-                       prefer_ema=not args.no_ema).to(device)
+    vq_model = load_tokenizer(args.vq_ckpt, args.vq_model, codebook_size=args.codebook_size,
+                              codebook_embed_dim=args.codebook_embed_dim, image_size=args.image_size,
+                              prefer_ema=not args.no_ema).to(device)
     model_name = args.vq_model or "VQ"
     if args.image_size % vq_model.downsample != 0:
-        raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the tokenizer's "
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
                          f"downsampling factor {vq_model.downsample}")
 
     # Output folder, named after what produced it; refuse to mix shards of other settings:
-    cfg = vq_model.config
+    codebook_size, codebook_dim = codebook(vq_model)
     folder_name = (f"{model_name}-{Path(args.vq_ckpt).stem}-{args.dataset}-size-{args.image_size}-size-"
-                   f"{args.image_size_eval}-codebook-size-{cfg.codebook_size}-dim-{cfg.codebook_embed_dim}"
+                   f"{args.image_size_eval}-codebook-size-{codebook_size}-dim-{codebook_dim}"
                    f"-seed-{args.global_seed}")
     sample_dir = Path(args.sample_dir)
     out_dir = sample_dir / folder_name
     shard_dir = out_dir / "shards"
-    settings = {"vq_ckpt": str(Path(args.vq_ckpt).resolve()), "dataset": args.dataset,
+    # what determines the reconstructions (the checkpoint by content: a moved folder or file resumes)
+    settings = {"vq_ckpt_sha256": file_sha256(args.vq_ckpt) if rank == 0 else None, "dataset": args.dataset,
                 "data_path": args.data_path, "split": args.split, "image_size": args.image_size,
                 "image_size_eval": args.image_size_eval, "batch": args.per_proc_batch_size,
                 "ema": not args.no_ema}
-    if rank == 0:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            claim_shard_folder(out_dir, settings)
-        except SettingsMismatch as e:
-            raise SystemExit(f"error: {e}") from None
-    barrier()
 
-    # Data: centre crops; batches of --per-proc-batch-size, batch c on rank c % world.
+    # Data: centre crops; batches of --per-proc-batch-size, batch c on rank c % world. Opened before
+    # the output folder is claimed, so a data set that cannot be read leaves nothing behind.
     base = build_image_dataset(args.dataset, args.data_path, None, args.image_size, split=args.split)
     dataset = CenterCrops(base, args.image_size, args.image_size_eval)
+    if rank == 0:
+        claim_shard_folder(out_dir, settings)  # refuses shards of other settings (a user error)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     n, b = len(dataset), args.per_proc_batch_size
     done = finished_shards(shard_dir)
     mine = [c for c in range(math.ceil(n / b)) if c % world == rank and c * b not in done]
@@ -205,7 +210,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint (official or ours)")
-    g.add_argument("--vq-model", type=str, choices=list(VQ_models), default=None,
+    g.add_argument("--vq-model", type=str, choices=size_names(), default=None,
                    help="size; required for official files, checked against ours")
     g.add_argument("--codebook-size", type=int, default=16384, help="for official files")
     g.add_argument("--codebook-embed-dim", type=int, default=8, help="for official files")
@@ -228,4 +233,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run_cli(main, get_parser().parse_args())

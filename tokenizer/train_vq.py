@@ -8,7 +8,8 @@ torchrun (what `scripts/tokenizer/train_vq.sh` runs), ImageNet at 256 px as publ
 VAR's multi-scale VQVAE (`tokenizer/msvq.py`; the official repository released no training code)
 trains through the same losses with `--vq-model MSVQ-16` (the release: --codebook-size 4096
 --codebook-embed-dim 32) or `MSVQ-debug`, and `--v-patch-nums` (default: the official list of the
-image size); its checkpoints hold `msvq_config` and load with `tokenizer.msvq.load_msvq`:
+image size); its checkpoints hold `msvq_config`. Every tokenizer is built and recorded through its
+kind in `tokenizer/registry.py`, and its checkpoints load with `tokenizer.registry.load_tokenizer`:
     python tokenizer/train_vq.py --vq-model MSVQ-debug --codebook-size 512 --codebook-embed-dim 8 \
         --v-patch-nums 1_2_4_8 --dataset digits --image-size 32 --perceptual-weight 0 --max-steps 400
 Resume the last complete checkpoint of a run folder (same data order, same weights as a run that
@@ -18,16 +19,21 @@ was never interrupted):
 Per step: a generator update (reconstruction + LPIPS + GAN + codebook terms, `tokenizer/losses.py`)
 then a discriminator update on the same reconstructions, each with its own Adam and grad clipping.
 Checkpoints `<results>/<NNN>-<vq-model>/checkpoints/<steps:07d>.pt` hold the official keys
-{model, optimizer, discriminator, optimizer_disc, steps, args[, ema]} plus vq_model, vq_config,
-epoch, batch_in_epoch, the RNG states and the code-usage statistics.
+{model, optimizer, discriminator, optimizer_disc, steps, args[, ema]} plus vq_model, the kind's
+configuration (vq_config / msvq_config), epoch, batch_in_epoch, the RNG states and the code-usage
+statistics. `main` runs named steps: set-up, run folder, models, optimizers, data, resume, loop,
+checkpoint, report.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 import time
+from collections.abc import Container
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python tokenizer/train_vq.py` / torchrun: the repo root on the path
@@ -43,22 +49,22 @@ from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import random_crop_arr, to_tensor_normalized
 from tokenizer.losses import (DISC_LOSSES, DISCRIMINATORS, GEN_LOSSES, LPIPS_LIN_DEFAULT, RECONSTRUCTION_LOSSES,
-                              LossConfig, PerceptualWeightsMissing, VQLoss, default_vgg16_path,
+                              LossConfig, VQLoss, default_vgg16_path,
                               download_lpips_weights, load_lpips)
-from tokenizer.loading import build_vq
-from tokenizer.msvq import MSVQ_models, MSVQConfig, MultiScaleVQVAE, build_msvq_named, msvq_config_dict
-from tokenizer.vq_model import VQConfig, VQModel, VQ_models, config_dict
-from utils.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
-from utils.distributed import (all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed,
+from tokenizer.registry import arch_flags, detect_kind, kind_of_model, kind_of_size, recorded_architecture, size_names
+from utils.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from utils.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed,
                                is_main_process)
 from utils.ema import make_ema, requires_grad, update_ema
 from utils.logger import create_logger, progress
+from utils.cli import run_cli
+from utils.run import flag_name, given_flags, resume_point, run_folder, take_from_checkpoint
 from utils.training import (NonFiniteGuard, ResumableDistributedSampler, autocast_context, gather_rng_states,
-                            last_checkpoint, make_adamw, make_grad_scaler, new_run_dir, set_rng_state)
+                            make_adamw, make_grad_scaler, set_rng_state)
 
-# Flags that fix the architecture: on resume they come from the checkpoint (an explicit different
-# value on the command line is an error).
-ARCH_FLAGS = ("vq_model", "codebook_size", "codebook_embed_dim", "codebook_l2_norm", "v_patch_nums")
+# Flags that fix the architecture (`--vq-model` and each registered kind's own): on resume they
+# come from the checkpoint (a given flag with another value is an error).
+ARCH_FLAGS = ("vq_model",) + arch_flags()
 
 #################################################################################
 #                                    Helpers                                    #
@@ -189,62 +195,36 @@ def build_perceptual(args, logger):
         if is_main_process():  # one download; the other ranks wait for it
             download_lpips_weights(lin_path, vgg_path)
         barrier()
-    try:
-        lpips = load_lpips(lin_path, vgg_path)
-    except (PerceptualWeightsMissing, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    lpips = load_lpips(lin_path, vgg_path)  # missing or unreadable weights: a user error naming the files
     logger.info(f"LPIPS weights: lin {lin_path}, VGG16 {vgg_path}")
     return lpips
 
 
-def resolve_architecture(args, ckpt: dict, parser_defaults: dict, logger) -> None:
-    """Take the architecture flags from the checkpoint; refuse an explicit conflicting value."""
+def take_architecture(args: argparse.Namespace, ckpt: dict, given: Container[str], what: str,
+                      logger: logging.Logger) -> None:
+    """The architecture flags come from the checkpoint: the kind's recorded configuration over the
+    saved args (`utils.run.take_from_checkpoint`); a given flag that contradicts it is an error."""
     saved = ckpt.get("args") or {}
     if not isinstance(saved, dict):
         saved = vars(saved)  # an official checkpoint's argparse.Namespace
-    if "vq_config" in ckpt:
-        cfg = ckpt["vq_config"]
-        saved = {**saved, "vq_model": ckpt.get("vq_model", saved.get("vq_model")),
-                 "codebook_size": cfg["codebook_size"], "codebook_embed_dim": cfg["codebook_embed_dim"],
-                 "codebook_l2_norm": cfg["codebook_l2_norm"]}
-    if "msvq_config" in ckpt:  # VAR's multi-scale VQVAE
-        cfg = ckpt["msvq_config"]
-        saved = {**saved, "vq_model": ckpt.get("vq_model", saved.get("vq_model")),
-                 "codebook_size": cfg["vocab_size"], "codebook_embed_dim": cfg["z_channels"],
-                 "v_patch_nums": "_".join(str(p) for p in cfg["v_patch_nums"])}
-    for key in ARCH_FLAGS:
-        if key not in saved or saved[key] == getattr(args, key):
-            continue
-        if getattr(args, key) != parser_defaults.get(key):
-            raise SystemExit(f"error: --{key.replace('_', '-')} {getattr(args, key)} conflicts with the "
-                             f"checkpoint, trained with {saved[key]}; drop the flag or pass that value")
-        logger.info(f"--{key.replace('_', '-')} {saved[key]} (from the checkpoint)")
-        setattr(args, key, saved[key])
+    saved = {**saved, **recorded_architecture(ckpt)}
+    taken = take_from_checkpoint(args, saved, ARCH_FLAGS, given, what)  # a conflict: ResumeConflict, a user error
+    for key, value in taken.items():
+        logger.info(f"{flag_name(key)} {value} (from the checkpoint)")
 
 
-def build_model(args, ckpt: dict | None) -> VQModel | MultiScaleVQVAE:
-    """A fresh tokenizer of the named size, or the checkpoint's recorded configuration: LlamaGen's
-    VQ, or VAR's multi-scale VQVAE for the `MSVQ-*` sizes. Both return (reconstruction,
-    (vq_loss, commit_loss, entropy_loss, usage)) from forward, what `VQLoss` takes."""
-    if args.vq_model in MSVQ_models:
-        saved = ckpt.get("msvq_config") if ckpt is not None else None
-        try:
-            if saved is not None:
-                model = MultiScaleVQVAE(MSVQConfig(**{**saved, "dropout": args.dropout_p, "beta": args.commit_loss_beta}))
-                if model.config.image_size != args.image_size:
-                    raise ValueError(f"the checkpoint's tokenizer encodes {model.config.image_size} px images, "
-                                     f"not --image-size {args.image_size}")
-                return model
-            return build_msvq_named(args.vq_model, args.codebook_size, args.codebook_embed_dim, args.image_size,
-                                    args.v_patch_nums, dropout=args.dropout_p, beta=args.commit_loss_beta)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    train_opts = dict(commit_loss_beta=args.commit_loss_beta, entropy_loss_ratio=args.entropy_loss_ratio,
-                      dropout_p=args.dropout_p)
-    if ckpt is not None and "vq_config" in ckpt:
-        return VQModel(VQConfig(**{**ckpt["vq_config"], **train_opts}))
-    return build_vq(args.vq_model, args.codebook_size, args.codebook_embed_dim,
-                    codebook_l2_norm=args.codebook_l2_norm, **train_opts)
+def build_tokenizer(args: argparse.Namespace, ckpt: dict | None) -> torch.nn.Module:
+    """A fresh tokenizer of the `--vq-model` size, or the configuration the checkpoint records, built
+    by its registry kind. Every kind's forward returns (reconstruction, (vq_loss, commit_loss,
+    entropy_loss, usage)), what `VQLoss` takes."""
+    kind = kind_of_size(args.vq_model)
+    train_opts = dict(dropout=args.dropout_p, commit_loss_beta=args.commit_loss_beta,
+                      entropy_loss_ratio=args.entropy_loss_ratio)
+    if ckpt is not None and kind.config_key in ckpt:
+        return kind.build_recorded(ckpt[kind.config_key], image_size=args.image_size, **train_opts)
+    return kind.build(args.vq_model, codebook_size=args.codebook_size, codebook_embed_dim=args.codebook_embed_dim,
+                      image_size=args.image_size, patch_nums=args.v_patch_nums,
+                      codebook_l2_norm=args.codebook_l2_norm, **train_opts)
 
 
 def make_optimizer(params_module: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -256,67 +236,140 @@ def make_optimizer(params_module: torch.nn.Module, args, device: torch.device) -
     return torch.optim.Adam(params_module.parameters(), lr=args.lr, betas=betas)
 
 
+class Meter:
+    """Loss terms summed since the last log line; `row` averages them over steps and ranks."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, torch.Tensor] = {}
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.running[k] = self.running.get(k, 0.0) + v
+        self.steps += 1
+
+    def row(self, global_batch_size: int, active_codes: float) -> dict[str, float]:
+        """The averages, the codebook fraction picked since the last row, speed; then starts over."""
+        names = sorted(self.running)
+        avg = all_reduce_mean(torch.stack([self.running[k] for k in names]) / self.steps).tolist()
+        row = dict(zip(names, avg))
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        row.update(active_codes=active_codes, steps_per_sec=self.steps / dt,
+                   images_per_sec=self.steps * global_batch_size / dt)
+        self.running, self.steps, self.t0 = {}, 0, time.perf_counter()
+        return row
+
+
 #################################################################################
-#                                  Training Loop                                #
+#                                 Training steps                                #
 #################################################################################
 
 
-def main(args, parser_defaults: dict | None = None):
-    parser_defaults = parser_defaults or {}
+@dataclass
+class Run:
+    """What every step shares: flags, ranks and device, per-rank batch, run folder, logger."""
 
-    # Setup DDP (gloo on CPU, NCCL on GPU), seeds:
+    args: argparse.Namespace
+    info: DistInfo
+    batch_size: int
+    logger: logging.Logger
+    run_dir: Path | None = None
+    ckpt_path: Path | None = None  # the checkpoint this run starts from (resume or --vq-ckpt)
+
+
+@dataclass
+class Models:
+    """The tokenizer (`model`, DDP-wrapped and compiled once `wrap` ran; `raw` is never wrapped),
+    its EMA, the discriminator, the losses, and the code-usage statistics."""
+
+    model: torch.nn.Module
+    raw: torch.nn.Module
+    ema: torch.nn.Module | None
+    discriminator: torch.nn.Module
+    vq_loss: VQLoss
+    usage: CodeUsage
+
+
+@dataclass
+class Optimizers:
+    """One Adam and one GradScaler (active for fp16 only) each for the tokenizer and the discriminator."""
+
+    optimizer: torch.optim.Optimizer
+    optimizer_disc: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scaler_disc: torch.amp.GradScaler
+
+
+@dataclass
+class Position:
+    """Optimizer steps done and the data position (epoch, batches of it drawn): all a resume needs."""
+
+    steps: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def set_up(args: argparse.Namespace) -> tuple[DistInfo, int]:
+    """DDP (gloo on CPU, NCCL on GPU); refuses flags that cannot work together. Returns the
+    distributed info and the per-rank batch."""
     info = init_distributed(args.device)
-    device, rank, world = info.device, info.rank, info.world_size
-    if args.global_batch_size % world != 0:
-        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} is not divisible by the "
-                         f"{world} ranks")
-    batch_size = args.global_batch_size // world
+    if args.global_batch_size % info.world_size != 0:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                         f"{info.world_size} ranks")
     if args.resume and args.vq_ckpt:
-        raise SystemExit("error: pass either --resume RUN_DIR (continue that run) or --vq-ckpt FILE "
+        raise ValueError("pass either --resume RUN_DIR (continue that run) or --vq-ckpt FILE "
                          "(start a new run from a checkpoint), not both")
     if args.finetune and not args.vq_ckpt:
-        raise SystemExit("error: --finetune needs --vq-ckpt (the tokenizer to fine-tune)")
+        raise ValueError("--finetune needs --vq-ckpt (the tokenizer to fine-tune)")
+    return info, args.global_batch_size // info.world_size
 
-    # Experiment folder: a new `<results>/<NNN>-<vq-model>`, or the run being resumed.
-    ckpt_path = None
+
+def kind_of_run(ckpt: dict) -> str | None:
+    """None for a tokenizer training checkpoint (one that records its tokenizer kind's config)."""
+    if detect_kind(ckpt) is not None and "optimizer" in ckpt:
+        return None
+    if isinstance(ckpt.get("args"), dict) and "strategy" in ckpt["args"]:
+        return "a GPT checkpoint (autoregressive/train/train_c2i.py)"
+    return "not a checkpoint of train_vq.py"
+
+
+def starting_checkpoint(args: argparse.Namespace, logger: logging.Logger) -> tuple[Path | None, dict | None]:
+    """The newest readable checkpoint of the run being resumed (`utils.run.resume_point`, the rule
+    both trainers share), or --vq-ckpt, loaded; (None, None) for a run from scratch."""
     if args.resume:
-        run_dir = Path(args.resume)
-        ckpt_path = last_checkpoint(run_dir)
-        if ckpt_path is None:
-            raise SystemExit(f"error: --resume {run_dir}: no checkpoint under {run_dir / 'checkpoints'}")
-    elif args.vq_ckpt:
-        ckpt_path = Path(args.vq_ckpt)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
-    logger = create_logger("train_vq", None, rank)
-    perceptual = build_perceptual(args, logger)  # before any folder is made: it may stop the run
-    if ckpt is not None:
-        resolve_architecture(args, ckpt, parser_defaults, logger)
-    if args.vq_model not in VQ_models and args.vq_model not in MSVQ_models:
-        raise SystemExit(f"error: unknown --vq-model {args.vq_model}")
-    if not args.resume:
-        run_dir = None
-        if rank == 0:
-            run_dir = new_run_dir(args.results_dir, args.vq_model.replace("/", "-"))
-        if dist.is_initialized():
-            box = [str(run_dir)]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
-    checkpoint_dir = run_dir / "checkpoints"
-    logger = create_logger("train_vq", run_dir, rank)
-    logger.info(f"run folder {run_dir}; {world} rank(s) on {device}; args {vars(args)}")
-    if args.codebook_weight != 1.0:
-        logger.info(f"--codebook-weight {args.codebook_weight} multiplies vq + commit + entropy losses "
-                    f"(the official code parses this flag and always uses 1.0)")
+        point = resume_point(args.resume, kind_of_run, "train_vq.py")
+        for note in point.warnings:
+            logger.warning(note)
+        return point.path, point.ckpt
+    if args.vq_ckpt:
+        return Path(args.vq_ckpt), load_checkpoint(args.vq_ckpt)
+    return None, None
 
-    # Create model, EMA, discriminator and perceptual network (same init on every rank):
+
+def open_run_folder(run: Run) -> None:
+    """A new `<results>/<NNN>-<vq-model>` (rank 0 makes it), or the folder being resumed; the
+    logger then writes `log.txt` there."""
+    args, info = run.args, run.info
+    name = args.vq_model.replace("/", "-")
+    run.run_dir = Path(args.resume) if args.resume else run_folder(args.results_dir, name, info.rank, info.world_size)
+    run.logger = create_logger("train_vq", run.run_dir, info.rank)
+    run.logger.info(f"run folder {run.run_dir}; {info.world_size} rank(s) on {info.device}; args {vars(args)}")
+    if args.codebook_weight != 1.0:
+        run.logger.info(f"--codebook-weight {args.codebook_weight} multiplies vq + commit + entropy losses "
+                        f"(the official code parses this flag and always uses 1.0)")
+
+
+def build_models(run: Run, ckpt: dict | None, perceptual: torch.nn.Module | None) -> Models:
+    """Tokenizer, EMA, discriminator, losses, usage statistics: the same init on every rank (seeded)."""
+    args, device = run.args, run.info.device
     torch.manual_seed(args.global_seed)
-    model = build_model(args, ckpt).to(device)
+    model = build_tokenizer(args, ckpt).to(device)
     if args.image_size % model.downsample != 0:
-        raise SystemExit(f"error: --image-size {args.image_size} is not a multiple of the "
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the "
                          f"{args.vq_model} downsampling factor {model.downsample}")
     ema = make_ema(model) if args.ema else None
     if args.disc_type not in DISCRIMINATORS:
-        raise SystemExit(f"error: --disc-type {args.disc_type} is not implemented; known: "
+        raise ValueError(f"--disc-type {args.disc_type} is not implemented; known: "
                          f"{', '.join(DISCRIMINATORS)}")
     discriminator = DISCRIMINATORS[args.disc_type]().to(device)
     if perceptual is not None:
@@ -326,226 +379,295 @@ def main(args, parser_defaults: dict | None = None):
         perceptual_weight=args.perceptual_weight, disc_weight=args.disc_weight, disc_start=args.disc_start,
         disc_loss=args.disc_loss, gen_loss=args.gen_loss, disc_adaptive_weight=args.disc_adaptive_weight,
         codebook_weight=args.codebook_weight), discriminator, perceptual)
-    logger.info(f"VQ parameters: {sum(p.numel() for p in model.parameters()):,}; "
-                f"discriminator parameters: {sum(p.numel() for p in discriminator.parameters()):,}")
+    run.logger.info(f"VQ parameters: {sum(p.numel() for p in model.parameters()):,}; "
+                    f"discriminator parameters: {sum(p.numel() for p in discriminator.parameters()):,}")
+    return Models(model, model, ema, discriminator, vq_loss, CodeUsage(model.quantize, device))
 
-    # Optimizers and gradient scalers (fp16 only):
-    optimizer = make_optimizer(model, args, device)
-    optimizer_disc = make_optimizer(discriminator, args, device)
-    scaler, scaler_disc = make_grad_scaler(device, args.mixed_precision), make_grad_scaler(device, args.mixed_precision)
 
-    # Data: per-item seeded augmentation, a sampler that can start mid-epoch.
+def build_optimizers(run: Run, models: Models) -> Optimizers:
+    """Optimizers and gradient scalers (fp16 only)."""
+    args, device = run.args, run.info.device
+    return Optimizers(make_optimizer(models.raw, args, device), make_optimizer(models.discriminator, args, device),
+                      make_grad_scaler(device, args.mixed_precision), make_grad_scaler(device, args.mixed_precision))
+
+
+def build_data(run: Run) -> tuple[AugmentedImages, ResumableDistributedSampler]:
+    """Per-item seeded augmentation, and a sampler that can start mid-epoch."""
+    args, info = run.args, run.info
     base = build_image_dataset(args.dataset, args.data_path, None, args.image_size, split="train")
     dataset = AugmentedImages(base, args.image_size, args.global_seed)
-    sampler = ResumableDistributedSampler(len(dataset), rank, world, batch_size, seed=args.global_seed)
-    logger.info(f"data set {args.dataset}: {len(dataset):,} images, {sampler.batches_per_epoch} steps per "
-                f"epoch at {batch_size} per rank")
+    sampler = ResumableDistributedSampler(len(dataset), info.rank, info.world_size, run.batch_size,
+                                          seed=args.global_seed)
+    run.logger.info(f"data set {args.dataset}: {len(dataset):,} images, {sampler.batches_per_epoch} steps per "
+                    f"epoch at {run.batch_size} per rank")
+    return dataset, sampler
 
-    # Resume or fine-tune:
-    train_steps, start_epoch, start_batch = 0, 0, 0
-    guard = NonFiniteGuard()
-    usage = CodeUsage(model.quantize, device)
-    if ckpt is not None:
-        load_state_dict_strict(model, ckpt["model"], what=f"VQ weights of {ckpt_path}")
-        if ema is not None:
-            load_state_dict_strict(ema, ckpt["ema"] if "ema" in ckpt else ckpt["model"], what="VQ EMA")
-        if args.finetune:
-            if "discriminator" in ckpt:
-                load_state_dict_strict(discriminator, ckpt["discriminator"], what="discriminator")
-            logger.info(f"fine-tuning from {ckpt_path} (weights only; fresh optimizers, step 0)")
-        else:
-            for key in ("optimizer", "discriminator", "optimizer_disc", "steps"):
-                if key not in ckpt:
-                    raise SystemExit(f"error: {ckpt_path} has no '{key}': it is not a training checkpoint "
-                                     f"(use --finetune to start from its weights)")
-            load_state_dict_strict(discriminator, ckpt["discriminator"], what="discriminator")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
-            train_steps = int(ckpt["steps"])
-            if "epoch" in ckpt:
-                start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
-            else:  # an official checkpoint: the data position follows from the step count
-                start_epoch, start_batch = divmod(train_steps, sampler.batches_per_epoch)
-            for key, obj in (("scaler", scaler), ("scaler_disc", scaler_disc), ("code_usage", usage),
-                             ("nonfinite", guard)):
-                if key in ckpt:
-                    obj.load_state_dict(ckpt[key])
-            rngs = ckpt.get("rng")
-            if rngs is not None and len(rngs) == world:
-                set_rng_state(rngs[rank])
-            elif rngs is not None:
-                logger.warning(f"the checkpoint has RNG states of {len(rngs)} ranks, this run has {world}: "
-                               f"dropout draws will differ from an uninterrupted run")
-            logger.info(f"resumed {ckpt_path}: step {train_steps}, epoch {start_epoch}, batch {start_batch}")
-        del ckpt
-    if ckpt_path is None or args.finetune:
-        torch.manual_seed(args.global_seed * world + rank)  # per-rank seed (DiT)
-        if ema is not None:
-            update_ema(ema, model, decay=0.0)
 
-    # Wrap for DDP when distributed (the discriminator's gradients are averaged by hand, see
-    # all_reduce_grads):
-    raw_model = model
+def resume(run: Run, ckpt: dict, models: Models, opt: Optimizers, guard: NonFiniteGuard,
+           batches_per_epoch: int) -> Position:
+    """Load the checkpoint's weights; with --finetune only those (and the discriminator) at step 0,
+    else every state: optimizers, scalers, usage statistics, position, this rank's RNG."""
+    args, path, logger = run.args, run.ckpt_path, run.logger
+    load_state_dict_strict(models.raw, ckpt["model"], what=f"VQ weights of {path}")
+    if models.ema is not None:
+        load_state_dict_strict(models.ema, ckpt["ema"] if "ema" in ckpt else ckpt["model"], what="VQ EMA")
+    if args.finetune:
+        if "discriminator" in ckpt:
+            load_state_dict_strict(models.discriminator, ckpt["discriminator"], what="discriminator")
+        logger.info(f"fine-tuning from {path} (weights only; fresh optimizers, step 0)")
+        return Position()
+    for key in ("optimizer", "discriminator", "optimizer_disc", "steps"):
+        if key not in ckpt:
+            raise ValueError(f"{path} has no '{key}': it is not a training checkpoint "
+                             f"(use --finetune to start from its weights)")
+    load_state_dict_strict(models.discriminator, ckpt["discriminator"], what="discriminator")
+    opt.optimizer.load_state_dict(ckpt["optimizer"])
+    opt.optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
+    steps = int(ckpt["steps"])
+    if "epoch" in ckpt:
+        pos = Position(steps, int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]))
+    else:  # an official checkpoint: the data position follows from the step count
+        pos = Position(steps, *divmod(steps, batches_per_epoch))
+    for key, obj in (("scaler", opt.scaler), ("scaler_disc", opt.scaler_disc), ("code_usage", models.usage),
+                     ("nonfinite", guard)):
+        if key in ckpt:
+            obj.load_state_dict(ckpt[key])
+    rngs, world = ckpt.get("rng"), run.info.world_size
+    if rngs is not None and len(rngs) == world:
+        set_rng_state(rngs[run.info.rank])
+    elif rngs is not None:
+        logger.warning(f"the checkpoint has RNG states of {len(rngs)} ranks, this run has {world}: "
+                       f"dropout draws will differ from an uninterrupted run")
+    logger.info(f"resumed {path}: step {pos.steps}, epoch {pos.epoch}, batch {pos.batch_in_epoch}")
+    return pos
+
+
+def wrap(run: Run, models: Models) -> None:
+    """DDP when distributed (the discriminator's gradients are averaged by hand, see
+    `all_reduce_grads`), then --compile; both in training mode."""
+    model = models.raw
     if dist.is_initialized():
+        device = run.info.device
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        logger.info("compiling the model (may take several minutes)")
+    if run.args.compile:
+        run.logger.info("compiling the model (may take several minutes)")
         model = torch.compile(model)
+    models.model = model
     model.train()
-    discriminator.train()
+    models.discriminator.train()
 
-    # Training loop:
+
+def epoch_loader(run: Run, dataset: AugmentedImages, sampler: ResumableDistributedSampler,
+                 pos: Position) -> DataLoader:
+    """The batches of `pos.epoch` from `pos.batch_in_epoch` on."""
+    args = run.args
+    sampler.set_epoch(pos.epoch, pos.batch_in_epoch)
+    dataset.set_epoch(pos.epoch)
+    # Its own generator: creating an iterator draws a worker base seed, which must not come from
+    # the global RNG (a resumed run creates one more iterator than an uninterrupted one).
+    return DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, num_workers=args.num_workers,
+                      collate_fn=collate_skip_corrupt, pin_memory=run.info.device.type == "cuda",
+                      drop_last=True, generator=torch.Generator().manual_seed(args.global_seed + pos.epoch))
+
+
+def train_step(run: Run, models: Models, opt: Optimizers, guard: NonFiniteGuard, x: torch.Tensor,
+               step: int) -> dict[str, torch.Tensor] | None:
+    """A generator update, then a discriminator update on the same (detached) reconstructions.
+    Returns the loss terms to log, or None when the generator loss is not finite (update skipped)."""
+    args, device = run.args, x.device
+    # Generator update:
+    requires_grad(models.discriminator, False)
+    opt.optimizer.zero_grad(set_to_none=True)
+    with autocast_context(device, args.mixed_precision):
+        x_hat, codebook_losses = models.model(x)
+        loss_g, terms = models.vq_loss.generator_loss(x, x_hat, codebook_losses, step,
+                                                      last_layer=models.raw.decoder.last_layer)
+    if not guard.check(all_reduce_mean(loss_g.detach()), step):
+        run.logger.warning(f"step {step}: non-finite generator loss, update skipped")
+        return None
+    opt.scaler.scale(loss_g).backward()
+    if args.max_grad_norm > 0:
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(models.raw.parameters(), args.max_grad_norm)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    if models.ema is not None:
+        update_ema(models.ema, models.raw, decay=args.ema_decay)
+
+    # Discriminator update (on the same, detached reconstructions):
+    requires_grad(models.discriminator, True)
+    opt.optimizer_disc.zero_grad(set_to_none=True)
+    with autocast_context(device, args.mixed_precision):
+        loss_d, d_terms = models.vq_loss.discriminator_loss(x, x_hat, step)
+    opt.scaler_disc.scale(loss_d).backward()
+    all_reduce_grads(models.discriminator)
+    if args.max_grad_norm > 0:
+        opt.scaler_disc.unscale_(opt.optimizer_disc)
+        torch.nn.utils.clip_grad_norm_(models.discriminator.parameters(), args.max_grad_norm)
+    opt.scaler_disc.step(opt.optimizer_disc)
+    opt.scaler_disc.update()
+    terms.update(d_terms, loss_g=loss_g.detach().float(),
+                 codebook_usage=torch.tensor(float(codebook_losses[3]), device=device))
+    return terms
+
+
+def track_codes(run: Run, models: Models, opt: Optimizers, steps: int) -> None:
+    """Codebook usage over ranks, and the dead-code restart when --dead-code-restart is on."""
+    args = run.args
+    models.usage.update(steps)
+    if args.dead_code_restart > 0:
+        n = models.usage.restart_dead(steps, args.dead_code_restart, args.global_seed, opt.optimizer)
+        if n:
+            run.logger.info(f"step {steps}: restarted {n} codes unused for {args.dead_code_restart} steps")
+
+
+def log_row(run: Run, meter: Meter, usage: CodeUsage, steps: int) -> None:
+    """Loss terms, usage and speed (averaged over ranks) to the log and `metrics.jsonl`."""
+    args = run.args
+    row = meter.row(args.global_batch_size, usage.window_fraction())
+    text = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
+    run.logger.info(f"(step={steps:07d}) {text}")
+    if run.info.rank == 0:
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": steps, **row}) + "\n")
+    if row["codebook_usage"] < args.usage_warn_below:
+        run.logger.warning(f"codebook usage {row['codebook_usage']:.1%} is below {args.usage_warn_below:.0%}: "
+                           f"the codebook is collapsing (try --dead-code-restart N, a larger "
+                           f"--entropy-loss-ratio or a lower --lr)")
+
+
+def save(run: Run, models: Models, opt: Optimizers, guard: NonFiniteGuard, pos: Position) -> None:
+    """Rank 0 writes `checkpoints/<steps:07d>.pt` (atomically; a copy under --cloud-save-path), then
+    every rank waits: the official keys plus the kind's config, position, RNG and statistics."""
+    args, raw = run.args, models.raw
+    kind = kind_of_model(raw)
+    rngs = gather_rng_states()
+    if run.info.rank == 0:
+        state = {
+            "model": raw.state_dict(),
+            "optimizer": opt.optimizer.state_dict(),
+            "discriminator": models.discriminator.state_dict(),
+            "optimizer_disc": opt.optimizer_disc.state_dict(),
+            "steps": pos.steps,
+            "args": dict(vars(args)),
+            "vq_model": args.vq_model,
+            kind.config_key: kind.config(raw),
+            "epoch": pos.epoch,
+            "batch_in_epoch": pos.batch_in_epoch,
+            "rng": rngs,
+            "scaler": opt.scaler.state_dict(),
+            "scaler_disc": opt.scaler_disc.state_dict(),
+            "code_usage": models.usage.state_dict(),
+            "nonfinite": guard.state_dict(),
+        }
+        if models.ema is not None:
+            state["ema"] = models.ema.state_dict()
+        path = save_checkpoint(state, run.run_dir / "checkpoints" / f"{pos.steps:07d}.pt")
+        run.logger.info(f"saved checkpoint {path}")
+        if args.cloud_save_path:
+            copy = Path(args.cloud_save_path) / run.run_dir.name / "checkpoints" / path.name
+            save_checkpoint(state, copy)
+            run.logger.info(f"saved checkpoint copy {copy}")
+    barrier()
+
+
+def train(run: Run, models: Models, opt: Optimizers, guard: NonFiniteGuard, dataset: AugmentedImages,
+          sampler: ResumableDistributedSampler, pos: Position) -> SkipCounter:
+    """The loop, from `pos` to the last step, with logging and checkpoints; returns this rank's
+    corrupt-file count."""
+    args, info = run.args, run.info
     total_steps = args.epochs * sampler.batches_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    skips = SkipCounter()
-    metrics_path = run_dir / "metrics.jsonl"
-    running: dict[str, torch.Tensor] = {}
-    log_steps, t0 = 0, time.perf_counter()
-    bar = progress(total=total_steps, initial=train_steps, enabled=info.is_main, desc="train_vq")
-    last_saved = train_steps if ckpt_path is not None and not args.finetune else -1
-
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        rngs = gather_rng_states()
-        if rank == 0:
-            state = {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "discriminator": discriminator.state_dict(),
-                "optimizer_disc": optimizer_disc.state_dict(),
-                "steps": train_steps,
-                "args": dict(vars(args)),
-                "vq_model": args.vq_model,
-                **({"msvq_config": msvq_config_dict(raw_model)} if isinstance(raw_model, MultiScaleVQVAE)
-                   else {"vq_config": config_dict(raw_model)}),
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "rng": rngs,
-                "scaler": scaler.state_dict(),
-                "scaler_disc": scaler_disc.state_dict(),
-                "code_usage": usage.state_dict(),
-                "nonfinite": guard.state_dict(),
-            }
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            path = save_checkpoint(state, checkpoint_dir / f"{train_steps:07d}.pt")
-            logger.info(f"saved checkpoint {path}")
-            if args.cloud_save_path:
-                copy = Path(args.cloud_save_path) / run_dir.name / "checkpoints" / path.name
-                save_checkpoint(state, copy)
-                logger.info(f"saved checkpoint copy {copy}")
-        barrier()
-
-    logger.info(f"training to step {total_steps} ({args.epochs} epochs of {sampler.batches_per_epoch} steps"
-                f"{f', --max-steps {args.max_steps}' if args.max_steps is not None else ''})")
-    epoch, batch_in_epoch = start_epoch, start_batch
-    while train_steps < total_steps and epoch < args.epochs:
-        if batch_in_epoch >= sampler.batches_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
+    skips, meter = SkipCounter(), Meter()
+    bar = progress(total=total_steps, initial=pos.steps, enabled=info.is_main, desc="train_vq")
+    last_saved = pos.steps if run.ckpt_path is not None and not args.finetune else -1
+    run.logger.info(f"training to step {total_steps} ({args.epochs} epochs of {sampler.batches_per_epoch} steps"
+                    f"{f', --max-steps {args.max_steps}' if args.max_steps is not None else ''})")
+    while pos.steps < total_steps and pos.epoch < args.epochs:
+        if pos.batch_in_epoch >= sampler.batches_per_epoch:
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             continue
-        sampler.set_epoch(epoch, batch_in_epoch)
-        dataset.set_epoch(epoch)
-        # Its own generator: creating an iterator draws a worker base seed, which must not come
-        # from the global RNG (a resumed run creates one more iterator than an uninterrupted one).
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
-                            collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda",
-                            drop_last=True, generator=torch.Generator().manual_seed(args.global_seed + epoch))
-        for batch in loader:
-            batch_in_epoch += 1
+        for batch in epoch_loader(run, dataset, sampler, pos):
+            pos.batch_in_epoch += 1
             skips.add(batch["skipped"])
-            have = torch.tensor(float("images" in batch), device=device)
-            if all_reduce_sum(have).item() < world:  # some rank got only corrupt files
+            have = torch.tensor(float("images" in batch), device=info.device)
+            if all_reduce_sum(have).item() < info.world_size:  # some rank got only corrupt files
                 continue
-            x = batch["images"].to(device, non_blocking=True)
-            step = train_steps + 1  # the official GAN schedule counts from 1
-
-            # Generator update:
-            requires_grad(discriminator, False)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, args.mixed_precision):
-                x_hat, codebook_losses = model(x)
-                loss_g, terms = vq_loss.generator_loss(x, x_hat, codebook_losses, step,
-                                                       last_layer=raw_model.decoder.last_layer)
-            if not guard.check(all_reduce_mean(loss_g.detach()), step):
-                logger.warning(f"step {step}: non-finite generator loss, update skipped")
+            x = batch["images"].to(info.device, non_blocking=True)
+            terms = train_step(run, models, opt, guard, x, pos.steps + 1)  # the GAN schedule counts from 1
+            if terms is None:
                 continue
-            scaler.scale(loss_g).backward()
-            if args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                update_ema(ema, raw_model, decay=args.ema_decay)
-
-            # Discriminator update (on the same, detached reconstructions):
-            requires_grad(discriminator, True)
-            optimizer_disc.zero_grad(set_to_none=True)
-            with autocast_context(device, args.mixed_precision):
-                loss_d, d_terms = vq_loss.discriminator_loss(x, x_hat, step)
-            scaler_disc.scale(loss_d).backward()
-            all_reduce_grads(discriminator)
-            if args.max_grad_norm > 0:
-                scaler_disc.unscale_(optimizer_disc)
-                torch.nn.utils.clip_grad_norm_(discriminator.parameters(), args.max_grad_norm)
-            scaler_disc.step(optimizer_disc)
-            scaler_disc.update()
-            train_steps += 1
+            pos.steps += 1
             bar.update(1)
-
-            # Codebook usage and dead-code restart:
-            usage.update(train_steps)
-            if args.dead_code_restart > 0:
-                n = usage.restart_dead(train_steps, args.dead_code_restart, args.global_seed, optimizer)
-                if n:
-                    logger.info(f"step {train_steps}: restarted {n} codes unused for "
-                                f"{args.dead_code_restart} steps")
-
-            # Log loss terms, usage and speed (averaged over ranks):
-            terms.update(d_terms, loss_g=loss_g.detach().float(), codebook_usage=torch.tensor(
-                float(codebook_losses[3]), device=device))
-            for k, v in terms.items():
-                running[k] = running.get(k, 0.0) + v
-            log_steps += 1
-            if train_steps % args.log_every == 0 or train_steps == total_steps:
-                names = sorted(running)
-                avg = all_reduce_mean(torch.stack([running[k] for k in names]) / log_steps).tolist()
-                row = dict(zip(names, avg))
-                dt = time.perf_counter() - t0
-                row.update(active_codes=usage.window_fraction(), steps_per_sec=log_steps / max(dt, 1e-9),
-                           images_per_sec=log_steps * args.global_batch_size / max(dt, 1e-9))
-                text = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
-                logger.info(f"(step={train_steps:07d}) {text}")
-                if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": train_steps, **row}) + "\n")
-                if row["codebook_usage"] < args.usage_warn_below:
-                    logger.warning(f"codebook usage {row['codebook_usage']:.1%} is below "
-                                   f"{args.usage_warn_below:.0%}: the codebook is collapsing (try "
-                                   f"--dead-code-restart N, a larger --entropy-loss-ratio or a lower --lr)")
-                running, log_steps, t0 = {}, 0, time.perf_counter()
-
-            # Save checkpoint:
-            if train_steps % args.ckpt_every == 0:
-                save(epoch, batch_in_epoch)
-                last_saved = train_steps
-            if train_steps >= total_steps:
+            track_codes(run, models, opt, pos.steps)
+            meter.add(terms)
+            if pos.steps % args.log_every == 0 or pos.steps == total_steps:
+                log_row(run, meter, models.usage, pos.steps)
+            if pos.steps % args.ckpt_every == 0:
+                save(run, models, opt, guard, pos)
+                last_saved = pos.steps
+            if pos.steps >= total_steps:
                 break
     bar.close()
-    if last_saved != train_steps:
-        save(epoch, batch_in_epoch)
+    if last_saved != pos.steps:
+        save(run, models, opt, guard, pos)
+    return skips
 
-    # Report:
-    all_skips = [None] * world
+
+def report(run: Run, skips: SkipCounter, usage: CodeUsage, steps: int) -> None:
+    """Corrupt files over all ranks, restarted codes, the last step."""
+    all_skips = [None] * run.info.world_size
     if dist.is_initialized():
         dist.all_gather_object(all_skips, skips.paths)
     else:
         all_skips = [skips.paths]
-    report = SkipCounter([p for paths in all_skips for p in paths])
-    logger.info(report.report())
+    run.logger.info(SkipCounter([p for paths in all_skips for p in paths]).report())
     if usage.restarted:
-        logger.info(f"{usage.restarted} dead codes restarted in total")
-    logger.info(f"done at step {train_steps}")
+        run.logger.info(f"{usage.restarted} dead codes restarted in total")
+    run.logger.info(f"done at step {steps}")
+
+
+#################################################################################
+#                                  Training Loop                                #
+#################################################################################
+
+
+def main(args: argparse.Namespace, given: Container[str] | None = None) -> None:
+    """Train; `given` names the flags the user gave (None: those that differ from their defaults)."""
+    given = given_flags(get_parser(), args=args) if given is None else given
+
+    # Set-up, and the checkpoint to start from; LPIPS before any folder exists (it may stop the run):
+    info, batch_size = set_up(args)
+    run = Run(args, info, batch_size, create_logger("train_vq", None, info.rank))
+    run.ckpt_path, ckpt = starting_checkpoint(args, run.logger)
+    perceptual = build_perceptual(args, run.logger)
+    if ckpt is not None:
+        take_architecture(args, ckpt, given, f"the checkpoint {run.ckpt_path}", run.logger)
+    if args.vq_model not in size_names():
+        raise ValueError(f"unknown --vq-model {args.vq_model}")
+
+    # Run folder, models, optimizers, data:
+    open_run_folder(run)
+    models = build_models(run, ckpt, perceptual)
+    opt = build_optimizers(run, models)
+    dataset, sampler = build_data(run)
+
+    # Resume or fine-tune, then a per-rank seed for a fresh start (DiT):
+    guard = NonFiniteGuard()
+    pos = Position()
+    if ckpt is not None:
+        pos = resume(run, ckpt, models, opt, guard, sampler.batches_per_epoch)
+        del ckpt
+    if run.ckpt_path is None or args.finetune:
+        torch.manual_seed(args.global_seed * info.world_size + info.rank)
+        if models.ema is not None:
+            update_ema(models.ema, models.raw, decay=0.0)
+
+    # Training loop, then the report:
+    wrap(run, models)
+    skips = train(run, models, opt, guard, dataset, sampler, pos)
+    report(run, skips, models.usage, pos.steps)
     cleanup()
 
 
@@ -553,7 +675,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # Model
     g = parser.add_argument_group("model")
-    g.add_argument("--vq-model", type=str, choices=list(VQ_models) + list(MSVQ_models), default="VQ-16",
+    g.add_argument("--vq-model", type=str, choices=size_names(), default="VQ-16",
                    help="tokenizer size: LlamaGen's VQ-*, or VAR's multi-scale VQVAE MSVQ-*")
     g.add_argument("--v-patch-nums", type=str, default=None,
                    help="MSVQ-*: the scales, e.g. 1_2_4_8 or 256 (default: the official list of --image-size)")
@@ -637,5 +759,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     parser = get_parser()
-    args = parser.parse_args()
-    main(args, {k: parser.get_default(k) for k in vars(args)})
+    run_cli(main, parser.parse_args(), given_flags(parser, sys.argv[1:]))

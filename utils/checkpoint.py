@@ -95,6 +95,18 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def state_dict_sha256(module: torch.nn.Module, skip: frozenset[str] | set[str] = frozenset()) -> str:
+    """Hex SHA-256 of a module's weights (key names and float32 values, in key order), the keys in
+    `skip` left out: what identifies a tokenizer beside the codes it made."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        if k in skip:
+            continue
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def check_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     expected: Mapping[str, tuple[int, ...] | list[int] | torch.Size],

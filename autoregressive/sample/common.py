@@ -16,7 +16,7 @@ from autoregressive.decoding.orders import add_schedule_arguments
 from autoregressive.decoding.row_rng import RowRNG, image_seeds
 from autoregressive.strategies import (Generation, Strategy, add_strategy_arguments, check_strategy_flags,
                                       get_strategy, model_size_names, strategy_names)
-from tokenizer.vq_model import VQ_models, VQModel
+from tokenizer.registry import codebook, load_tokenizer, size_names
 from utils.run import given_flags
 
 PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,7 +40,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="eager: the reference loop; cuda-graphs: persistent KV caches and one CUDA graph per "
                         "step shape; compiled: the same over torch.compile'd steps, and the tokenizer decodes "
                         "in bf16 channels_last; auto: compiled on CUDA, eager on CPU")
-    g.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models), help="tokenizer size")
+    g.add_argument("--vq-model", type=str, default="VQ-16", choices=size_names(), help="tokenizer size")
     g.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint")
     g.add_argument("--codebook-size", type=int, default=16384, help="tokenizer codebook size")
     g.add_argument("--codebook-embed-dim", type=int, default=8, help="tokenizer code dimension")
@@ -79,7 +79,7 @@ class Sampler:
 
     strategy: Strategy
     gpt: torch.nn.Module
-    vq: VQModel
+    vq: torch.nn.Module
     args: argparse.Namespace
 
     @property
@@ -138,13 +138,12 @@ def load_sampler(args: argparse.Namespace, device: torch.device, given: set[str]
     check_sampling_flags(args)
     strategy = get_strategy(args.strategy)
     strategy.configure(args, training=False)
-    vq = strategy.load_tokenizer(args).to(device)  # LlamaGen VQ; VAR's multi-scale VQVAE
-    if vq.downsample != args.downsample_size:
-        raise ValueError(f"the tokenizer {args.vq_model} downsamples by {vq.downsample}, "
-                         f"but --downsample-size is {args.downsample_size}")
+    vq = load_tokenizer(strategy.tokenizer_path(args), kind=strategy.tokenizer_kind, downsample=args.downsample_size,
+                        **strategy.tokenizer_options(args)).to(device)  # its kind: the strategy's
+    strategy.use_tokenizer(vq)
     grid = args.image_size // args.downsample_size
     gpt = strategy.load_model(args.gpt_ckpt, args.gpt_model, prefer_ema=args.ema,
-                              vocab_size=vq.config.codebook_size, block_size=grid * grid,
+                              vocab_size=codebook(vq)[0], block_size=grid * grid,
                               num_classes=args.num_classes, cls_token_num=args.cls_token_num,
                               **strategy.model_config(args))
     dtype = PRECISIONS[args.precision] if device.type == "cuda" else torch.float32

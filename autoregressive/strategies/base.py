@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from autoregressive.decoding.fast_decode import StepRunner
 from autoregressive.decoding.logits import Generator, check_cfg_scale
+from tokenizer.registry import get_kind
 
 
 @dataclass
@@ -58,6 +59,13 @@ class Strategy(ABC):
     can_edit: bool = False
     #: official flag aliases this strategy adds (its dest -> the driver's dest); `apply_flag_aliases`.
     flag_aliases: dict[str, str] = {}
+    #: the tokenizer kind (`tokenizer/registry.py`) whose codes this strategy trains on and decodes.
+    tokenizer_kind: str = "vq"
+    #: the training flag naming the tokenizer checkpoint, for a strategy that trains and generates
+    #: with the tokenizer itself, not only its codes (VAR builds its next-scale inputs from its
+    #: VQVAE: `--vae-ckpt`); drivers then load it and hand it over with `use_tokenizer`. None: the
+    #: strategy reads codes only and the sampler decodes them.
+    tokenizer_flag: str | None = None
 
     # -- decoding path ----------------------------------------------------------------------------
 
@@ -94,9 +102,25 @@ class Strategy(ABC):
 
     # -- tokenizer --------------------------------------------------------------------------------
 
+    def tokenizer_path(self, args: argparse.Namespace) -> str | None:
+        """The tokenizer checkpoint the drivers load for this strategy: --vq-ckpt."""
+        return getattr(args, "vq_ckpt", None)
+
+    def tokenizer_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Keyword arguments of `tokenizer.registry.load_tokenizer` for this strategy's tokenizer
+        (called after `configure`): the --vq-model size and the codebook flags."""
+        return dict(size=args.vq_model, codebook_size=args.codebook_size, codebook_embed_dim=args.codebook_embed_dim)
+
+    def use_tokenizer(self, vq: nn.Module) -> None:
+        """Take the tokenizer a driver loaded through the registry; refuses one of another kind."""
+        kind = get_kind(self.tokenizer_kind)
+        if not kind.owns(vq):
+            raise TypeError(f"--strategy {self.name} decodes with {kind.title}, got a {type(vq).__name__}")
+        self.tokenizer = vq
+
     def decode_tokens(self, vq: nn.Module, tokens: torch.Tensor, grid: int) -> torch.Tensor:
         """Token ids from `generate` -> images (B, 3, H, W) in about [-1, 1]."""
-        return vq.decode_indices(tokens, grid=(grid, grid))
+        return get_kind(self.tokenizer_kind).decode(vq, tokens, (grid, grid))
 
     def generate_for_decoding(self, model: nn.Module, labels: torch.Tensor, **kwargs: Any) -> Generation:
         """`generate`, with everything `decode_generation` needs besides the token ids (nothing,
@@ -112,13 +136,6 @@ class Strategy(ABC):
         """Codes per image this strategy trains on (checked against the code folder): the raster
         grid; VAR's multi-scale ids are sum pn^2."""
         return (args.image_size // args.downsample_size) ** 2
-
-    def load_tokenizer(self, args: argparse.Namespace) -> nn.Module:
-        """The tokenizer `decode_tokens` decodes with (called after `configure`): the LlamaGen VQ
-        of --vq-model / --vq-ckpt; VAR returns its multi-scale VQVAE."""
-        from tokenizer.loading import load_vq
-
-        return load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
 
     @classmethod
     def alias_value(cls, alias: str, args: argparse.Namespace) -> Any:

@@ -5,7 +5,8 @@ Codes are the multi-scale ids of VAR's VQVAE (`tokenizer/msvq.py`) concatenated 
 per scale (group sizes pn^2), run by the shared `decode_in_groups` loop. What differs from the
 other strategies is the input of a step: not the embeddings of the tokens just sampled but
 `word_embed` of the tokenizer's accumulated f_hat, area-downsampled to the next scale, so the
-strategy holds the multi-scale tokenizer (`use_tokenizer`, or `--vae-ckpt` / `--vq-ckpt`).
+strategy holds the multi-scale tokenizer, which the drivers load from `--vae-ckpt` / `--vq-ckpt`
+through the tokenizer registry and hand over with `use_tokenizer`.
 
 Training (`VARTrainer.train_step`): teacher-forcing input from the ids, plain token-mean
 cross-entropy (every token weighs 1/L, officially) with label smoothing `--ls`.
@@ -34,9 +35,8 @@ from autoregressive.models.var import VAR, VAR_SIZES, build_var
 from autoregressive.decoding.group_decode import decode_in_groups
 from autoregressive.decoding.logits import Generator, cfg_enabled, cfg_labels, top_k_top_p_filter
 from autoregressive.strategies.base import Generation, Strategy, TrainingBatch
-from dataset.codes import CodesError, code_dirs, read_meta
-from tokenizer.msvq import (PATCH_NUMS, MultiScaleQuantizer, MultiScaleVQVAE, load_msvq, msvq_identity,
-                            parse_patch_nums)
+from tokenizer.msvq import PATCH_NUMS, MultiScaleQuantizer, MultiScaleVQVAE, parse_patch_nums
+from tokenizer.registry import get_kind
 from utils.checkpoint import CheckpointError, extract_weights, load_checkpoint, load_state_dict_strict
 
 #: official `--fp16` values -> the driver's `--mixed-precision`.
@@ -87,6 +87,8 @@ class VarStrategy(Strategy):
     #: official optimisation flags (`utils/arg_util.py` of FoundationVision/VAR) -> the driver's.
     flag_aliases = {"bs": "global_batch_size", "ep": "epochs", "twd": "weight_decay", "tclip": "max_grad_norm",
                     "fp16": "mixed_precision", "tblr": "lr"}
+    tokenizer_kind = "msvq"
+    tokenizer_flag = "--vae-ckpt"
 
     def __init__(self) -> None:
         self.tokenizer: MultiScaleVQVAE | None = None
@@ -150,33 +152,8 @@ class VarStrategy(Strategy):
         self.label_smooth, self.more_smooth = float(args.ls), bool(args.more_smooth)
         self.init = dict(init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini)
         self.schedule = self.official_schedule(args) if training else None
-        path = args.vae_ckpt or getattr(args, "vq_ckpt", None)
         if args.vae_ckpt and getattr(args, "vq_ckpt", None) and args.vae_ckpt != args.vq_ckpt:
             raise ValueError(f"--vae-ckpt {args.vae_ckpt} and --vq-ckpt {args.vq_ckpt} name different tokenizers")
-        if path:
-            self.use_tokenizer(load_msvq(path, patch_nums=self.patch_nums))
-            if self.tokenizer.downsample != downsample:
-                raise ValueError(f"the VQVAE {path} downsamples by {self.tokenizer.downsample}, but "
-                                 f"--downsample-size is {downsample}")
-            self.check_codes_tokenizer(args, path)
-
-    def check_codes_tokenizer(self, args: argparse.Namespace, path: str) -> None:
-        """Training from extracted codes (`--code-path`): the codes must come from this VQVAE, since
-        its codebook and phi convs build the teacher-forcing input. Folders without our metadata
-        (official extraction layout) cannot be checked and pass."""
-        code_path = getattr(args, "code_path", None)
-        if not code_path or self.tokenizer is None:
-            return
-        codes_dir, _ = code_dirs(code_path, getattr(args, "dataset", "imagenet"), args.image_size)
-        meta = read_meta(codes_dir) if codes_dir.is_dir() else None
-        found = (meta or {}).get("tokenizer")
-        if not found:
-            return
-        ours = msvq_identity(self.tokenizer)
-        if found.get("weights_sha256") != ours["weights_sha256"] or found.get("config") != ours["config"]:
-            raise CodesError(f"the codes in {codes_dir} were made by another tokenizer ({found.get('source') or '?'}, "
-                             f"weights sha256 {str(found.get('weights_sha256'))[:12]}) than the VQVAE {path} "
-                             f"(weights sha256 {ours['weights_sha256'][:12]}): extract them with this VQVAE")
 
     @staticmethod
     def resolve_patch_nums(pn: str | None, image_size: int | None, downsample: int = 16) -> tuple[int, ...]:
@@ -243,21 +220,23 @@ class VarStrategy(Strategy):
 
     # -- tokenizer --------------------------------------------------------------------------------
 
+    def tokenizer_path(self, args: argparse.Namespace) -> str | None:
+        """--vae-ckpt (training), or --vq-ckpt (sampling)."""
+        return args.vae_ckpt or getattr(args, "vq_ckpt", None)
+
+    def tokenizer_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The VQVAE quantises over this run's patch_nums (the release serves the 256 and 512 px lists)."""
+        return dict(patch_nums=self.patch_nums)
+
     def use_tokenizer(self, vq: nn.Module) -> None:
         """The multi-scale VQVAE this strategy trains and samples with (frozen, eval mode)."""
-        if not isinstance(vq, MultiScaleVQVAE):
+        if not get_kind(self.tokenizer_kind).owns(vq):
             raise TypeError(f"--strategy var needs VAR's multi-scale VQVAE (tokenizer/msvq.py), got a "
                             f"{type(vq).__name__}; a LlamaGen tokenizer cannot serve VAR")
         if self.patch_nums is not None and tuple(vq.patch_nums) != tuple(self.patch_nums):
             raise ValueError(f"the VQVAE quantises over patch_nums {vq.patch_nums}, but {self.patch_nums} "
                              f"was asked for")
         self.tokenizer = vq.eval().requires_grad_(False)
-
-    def load_tokenizer(self, args: argparse.Namespace) -> MultiScaleVQVAE:
-        """The VQVAE `configure` loaded from --vq-ckpt / --vae-ckpt."""
-        if self.tokenizer is None:
-            raise ValueError("--strategy var needs its multi-scale VQVAE: pass --vq-ckpt vae_ch160v4096z32.pth")
-        return self.tokenizer
 
     def _quantizer(self, device: torch.device) -> MultiScaleQuantizer:
         if self.tokenizer is None:
@@ -278,7 +257,7 @@ class VarStrategy(Strategy):
 
     def decode_tokens(self, vq: nn.Module, tokens: torch.Tensor, grid: int) -> torch.Tensor:
         """Concatenated per-scale ids (B, L) -> images in [-1, 1]."""
-        if not isinstance(vq, MultiScaleVQVAE):
+        if not get_kind(self.tokenizer_kind).owns(vq):
             raise TypeError(f"--strategy var decodes with VAR's multi-scale VQVAE, got a {type(vq).__name__}")
         return vq.decode_indices(tokens, grid=(grid, grid))
 

@@ -34,8 +34,10 @@ import argparse
 import functools
 import hashlib
 import json
+import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -43,17 +45,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.codes import MANIFEST_FILE, META_FILE, META_FORMAT, code_dirs, npy_indices, read_meta
 from dataset.image_folder import DatasetError, collate_skip_corrupt, write_class_index
 from dataset.transforms import center_crop_tensor, ten_crop_tensor, with_flip
-from tokenizer.loading import load_vq, tokenizer_identity
-from tokenizer.msvq import MSVQ_models, USAGE_BUFFER, MultiScaleVQVAE, load_msvq, msvq_identity, parse_patch_nums
-from tokenizer.vq_model import VQ_models, VQModel
-from utils.checkpoint import CheckpointError, load_checkpoint, save_json, save_npy
-from utils.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
+from tokenizer.registry import code_length, encode, identity, kind_of_size, load_tokenizer, size_names
+from utils.checkpoint import save_json, save_npy
+from utils.cli import run_cli
+from utils.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
 
 
@@ -81,56 +83,42 @@ def num_views(ten_crop: bool, flip: bool) -> int:
     return (10 if ten_crop else 2) // (1 if flip else 2)
 
 
-def encode_image(vq: VQModel, views: torch.Tensor, ten_crop: bool, flip: bool = True) -> np.ndarray:
+def encode_image(vq: nn.Module, views: torch.Tensor, ten_crop: bool, flip: bool = True) -> np.ndarray:
     """(V,3,S,S) views of one image -> int64 codes (1, num_aug, N), one forward as the official.
 
     Ten-crop views already contain their mirrors (TenCrop); otherwise [x, flip(x)] (num_aug 2).
     `flip=False` (data where a mirror changes the class, e.g. digits) encodes the views as they are.
     """
     x_all = views if (ten_crop or not flip) else with_flip(views)
-    idx = vq.encode_to_indices(x_all)  # (num_aug, N)
+    idx = encode(vq, x_all)  # (num_aug, N)
     return idx.reshape(1, x_all.shape[0], -1).to("cpu", torch.int64).numpy()
 
 
-def load_multiscale_tokenizer(args: argparse.Namespace, device: torch.device) -> tuple[MultiScaleVQVAE, dict]:
-    """VAR's multi-scale VQVAE (`--vq-model MSVQ-*`) and its identity. Our checkpoints record their
-    configuration (--codebook-size / --codebook-embed-dim are not read); the official flat file takes
-    --v-patch-nums, else the official list of --image-size. Refuses an image size it does not encode."""
-    pn = parse_patch_nums(args.v_patch_nums) if args.v_patch_nums else None
-    vq = load_msvq(args.vq_ckpt, patch_nums=pn, image_size=args.image_size)
-    return vq.to(device).eval(), msvq_identity(vq, os.path.basename(args.vq_ckpt))
+@dataclass
+class Tokenizer:
+    """The loaded tokenizer, what identifies it beside its codes, and its codes per image."""
+
+    model: nn.Module
+    identity: dict
+    num_tokens: int
 
 
-def is_multiscale_checkpoint(path: str) -> bool:
-    """Whether a checkpoint holds VAR's multi-scale VQVAE (ours record `msvq_config`; the official
-    file has the quantiser's usage buffer)."""
-    ckpt = load_checkpoint(path)
-    return isinstance(ckpt, dict) and ("msvq_config" in ckpt or USAGE_BUFFER in ckpt
-                                       or USAGE_BUFFER in (ckpt.get("model") or {}))
-
-
-def load_tokenizer(args: argparse.Namespace, device: torch.device) -> tuple[VQModel | MultiScaleVQVAE, dict]:
-    """The tokenizer and its identity; refuses a checkpoint or image size that does not fit."""
-    if args.vq_model in MSVQ_models:
-        return load_multiscale_tokenizer(args, device)
-    try:
-        vq = load_vq(args.vq_ckpt, args.vq_model, args.codebook_size, args.codebook_embed_dim)
-    except CheckpointError as e:
-        if is_multiscale_checkpoint(args.vq_ckpt):
-            raise CheckpointError(f"{args.vq_ckpt} is VAR's multi-scale VQVAE, not a {args.vq_model}: pass "
-                                  f"--vq-model {' or '.join(MSVQ_models)}") from e
-        raise
-    cfg = vq.config
-    if (cfg.codebook_size, cfg.codebook_embed_dim) != (args.codebook_size, args.codebook_embed_dim):
-        raise CheckpointError(
-            f"VQ checkpoint {args.vq_ckpt} has a {cfg.codebook_size} x {cfg.codebook_embed_dim} codebook, but "
-            f"--codebook-size {args.codebook_size} --codebook-embed-dim {args.codebook_embed_dim} were given")
+def open_tokenizer(args: argparse.Namespace, device: torch.device) -> Tokenizer:
+    """The tokenizer of `--vq-model` through the registry; refuses a checkpoint of another kind or
+    size, codebook flags that disagree with it (where its kind reads them) and an image size it
+    does not encode. Patch_nums (multi-scale kinds) come from our checkpoint, else --v-patch-nums,
+    else the official list of --image-size."""
+    vq = load_tokenizer(args.vq_ckpt, args.vq_model, codebook_size=args.codebook_size,
+                        codebook_embed_dim=args.codebook_embed_dim, image_size=args.image_size,
+                        patch_nums=args.v_patch_nums)
+    kind_of_size(args.vq_model).check_codebook_flags(vq, args.codebook_size, args.codebook_embed_dim,
+                                                     what=f"the tokenizer checkpoint {args.vq_ckpt}")
     if args.image_size % vq.downsample != 0:
         raise ExtractError(f"--image-size {args.image_size} is not a multiple of the tokenizer's downsampling "
                            f"factor {vq.downsample} ({args.vq_model}); use e.g. "
                            f"{(args.image_size // vq.downsample) * vq.downsample or vq.downsample}")
-    identity = tokenizer_identity(vq, os.path.basename(args.vq_ckpt))
-    return vq.to(device).eval(), identity
+    ident = identity(vq, os.path.basename(args.vq_ckpt))
+    return Tokenizer(vq.to(device).eval(), ident, code_length(vq, args.image_size))
 
 
 def extraction_meta(args: argparse.Namespace, identity: dict, data, num_aug: int, num_tokens: int) -> dict:
@@ -201,29 +189,22 @@ def finished_indices(codes_dir: Path, labels_dir: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> dict:
-    # Setup DDP ------------------------------------------------------------------------------
+def set_up(args: argparse.Namespace) -> tuple[DistInfo, logging.Logger]:
+    """DDP, the official seed, a logger; flags that cannot work are refused before any work."""
     dist_info = init_distributed(args.device)
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    rank, world = dist_info.rank, dist_info.world_size
     torch.manual_seed(args.global_seed * world + rank)  # extraction draws nothing random; kept as official
     # --debug: every rank logs each file it writes (the official prints every index).
     logger = create_logger("extract_codes", None, 0 if args.debug else rank)
-    logger.info(f"rank {rank} of {world} on {device}")
-
-    # Tokenizer: refuse a wrong checkpoint or image size before any work ------------------------
+    logger.info(f"rank {rank} of {world} on {dist_info.device}")
     if args.ten_crop and int(args.image_size * args.crop_range) < args.image_size:
         raise ExtractError(f"--crop-range {args.crop_range} must be >= 1 (ten crops of size --image-size "
                            f"are cut from an int(image_size * crop_range) centre crop)")
-    vq, identity = load_tokenizer(args, device)
-    if isinstance(vq, MultiScaleVQVAE):
-        num_tokens = vq.config.num_tokens  # sum pn^2: every scale's ids, concatenated
-    else:
-        num_tokens = (args.image_size // vq.downsample) ** 2
-    num_aug = num_views(args.ten_crop, not args.no_flip)
-    logger.info(f"{args.vq_model} from {args.vq_ckpt}: {num_aug} views x {num_tokens} codes per image, "
-                f"weights sha256 {identity['weights_sha256'][:12]}")
+    return dist_info, logger
 
-    # Data (an empty folder or one without images raises here) ---------------------------------
+
+def open_data(args: argparse.Namespace) -> Dataset:
+    """The images to encode, each as its views before flipping (an empty folder raises here)."""
     if args.dataset == "digits" and args.data_path:
         raise ExtractError("--dataset digits is embedded (its train split); drop --data-path")
     transform = functools.partial(extraction_transform, image_size=args.image_size, ten_crop=args.ten_crop,
@@ -231,11 +212,15 @@ def main(args: argparse.Namespace) -> dict:
     data = build_image_dataset(args.dataset, args.data_path, transform, args.image_size)
     if len(data) == 0:
         raise DatasetError(f"--dataset {args.dataset} has no images")
+    return data
 
-    # Code folders: check what is there, then record how these codes are made ----------------
+
+def prepare_code_folders(args: argparse.Namespace, rank: int, meta: dict, class_to_idx: dict,
+                         logger: logging.Logger) -> tuple[Path, Path]:
+    """Check what the code path holds, then (rank 0) create the folders and record how these codes
+    are made; returns (codes folder, labels folder)."""
     code_path = Path(args.code_path)
     codes_dir, labels_dir = code_dirs(code_path, args.dataset, args.image_size)
-    meta = extraction_meta(args, identity, data, num_aug, num_tokens)
     check_existing(code_path, codes_dir, meta)  # every rank checks, so every rank stops together
     barrier()  # all ranks have checked the folder as it was before rank 0 writes to it
     if rank == 0:
@@ -246,18 +231,22 @@ def main(args: argparse.Namespace) -> dict:
         if stale:
             logger.info(f"removed {stale} unfinished temporary file(s) of an interrupted run")
         save_json(codes_dir / META_FILE, meta)
-        write_class_index(codes_dir, data.class_to_idx)
+        write_class_index(codes_dir, class_to_idx)
     barrier()
+    return codes_dir, labels_dir
 
-    # This rank's images: k = rank, rank + W, ... minus those already finished ------------------
+
+def encode_missing(args: argparse.Namespace, dist_info: DistInfo, vq: nn.Module, data: Dataset, codes_dir: Path,
+                   labels_dir: Path, logger: logging.Logger) -> tuple[int, list, int]:
+    """Encode this rank's images (k = rank, rank + W, ...) that are not finished yet; returns
+    (files written, skipped (index, path) pairs, images already there)."""
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     done = set(finished_indices(codes_dir, labels_dir).tolist())
     mine = [k for k in range(rank, len(data), world) if k not in done]
     already = len(range(rank, len(data), world)) - len(mine)
     logger.info(f"{len(data):,} images; {len(done):,} already extracted; rank {rank} encodes {len(mine):,}")
     loader = DataLoader(Subset(data, mine), batch_size=1, shuffle=False, num_workers=args.num_workers,
                         collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda")
-
-    # Loop -----------------------------------------------------------------------------------
     written, skipped = 0, []
     for batch in progress(loader, enabled=rank == 0, total=len(mine), desc="extract", unit="img"):
         skipped.extend(zip(batch["skipped_indices"], batch["skipped"]))
@@ -272,33 +261,58 @@ def main(args: argparse.Namespace) -> dict:
         written += 1
         if args.debug:
             logger.info(f"rank {rank}: wrote {k}")
+    return written, skipped, already
 
-    # Report: counts over ranks, skipped list and completion manifest ----------------------------
-    counts = all_reduce_sum(torch.tensor([written, len(skipped), already], dtype=torch.int64, device=device))
-    written_all, skipped_all, already_all = (int(c) for c in counts.cpu())
+
+def write_manifest(dist_info: DistInfo, meta: dict, num_images: int, codes_dir: Path, labels_dir: Path,
+                   counts: tuple[int, list, int], logger: logging.Logger) -> dict:
+    """Counts over ranks; rank 0 records the skipped images and writes the completion manifest."""
+    written, skipped, already = counts
+    totals = all_reduce_sum(torch.tensor([written, len(skipped), already], dtype=torch.int64,
+                                         device=dist_info.device))
+    written_all, skipped_all, already_all = (int(c) for c in totals.cpu())
     skipped_list = sorted((int(i), p) for part in all_gather_object(skipped) for i, p in part)
     barrier()
     manifest = None
-    if rank == 0:
+    if dist_info.rank == 0:
         present = finished_indices(codes_dir, labels_dir)
         skipped_idx = {i for i, _ in skipped_list}
-        missing = sorted(set(range(len(data))) - set(present.tolist()) - skipped_idx)
+        missing = sorted(set(range(num_images)) - set(present.tolist()) - skipped_idx)
         meta["skipped"] = [{"index": i, "path": p} for i, p in skipped_list]
         save_json(codes_dir / META_FILE, meta)
-        manifest = {"complete": not missing, "num_images": len(data), "codes_present": len(present),
+        manifest = {"complete": not missing, "num_images": num_images, "codes_present": len(present),
                     "written_this_run": written_all, "already_present": already_all,
-                    "skipped": meta["skipped"], "missing": missing, "world_size": world}
+                    "skipped": meta["skipped"], "missing": missing, "world_size": dist_info.world_size}
         save_json(codes_dir / MANIFEST_FILE, manifest)
         logger.info(f"wrote {written_all:,} code files ({already_all:,} were already there); "
-                    f"{len(present):,} of {len(data):,} images have codes in {codes_dir}")
+                    f"{len(present):,} of {num_images:,} images have codes in {codes_dir}")
         if skipped_all:
             shown = "\n  ".join(p for _, p in skipped_list[:20])
             logger.info(f"skipped {skipped_all} corrupt or unreadable image(s) (listed in {META_FILE}):\n  {shown}")
         else:
             logger.info("no corrupt or unreadable images")
     barrier()
-    cleanup()
     return manifest if manifest is not None else {"written_this_run": written_all}
+
+
+def main(args: argparse.Namespace) -> dict:
+    # Setup DDP; the tokenizer: a wrong checkpoint or image size is refused before any work ----
+    dist_info, logger = set_up(args)
+    tok = open_tokenizer(args, dist_info.device)
+    num_aug = num_views(args.ten_crop, not args.no_flip)
+    logger.info(f"{args.vq_model} from {args.vq_ckpt}: {num_aug} views x {tok.num_tokens} codes per image, "
+                f"weights sha256 {tok.identity['weights_sha256'][:12]}")
+
+    # Data, then the code folders (refused when they hold codes made another way) ---------------
+    data = open_data(args)
+    meta = extraction_meta(args, tok.identity, data, num_aug, tok.num_tokens)
+    codes_dir, labels_dir = prepare_code_folders(args, dist_info.rank, meta, data.class_to_idx, logger)
+
+    # Encode what is missing; report over ranks -------------------------------------------------
+    counts = encode_missing(args, dist_info, tok.model, data, codes_dir, labels_dir, logger)
+    manifest = write_manifest(dist_info, meta, len(data), codes_dir, labels_dir, counts, logger)
+    cleanup()
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no mirrored views (for data where a mirror changes the class, e.g. digits)")
     p.add_argument("--crop-range", type=float, default=1.1, help="crop scale for --ten-crop (official 1.1 / 1.05)")
     # Tokenizer
-    p.add_argument("--vq-model", type=str, default="VQ-16", choices=list(VQ_models) + list(MSVQ_models),
+    p.add_argument("--vq-model", type=str, default="VQ-16", choices=size_names(),
                    help="tokenizer size: LlamaGen's VQ-*, or VAR's multi-scale VQVAE MSVQ-*")
     p.add_argument("--v-patch-nums", type=str, default=None,
                    help="MSVQ-* with the official flat file: the scales, e.g. 256 / 512 / 1_2_3_4_6 "
@@ -338,8 +352,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except (CheckpointError, DatasetError, ExtractError) as e:
-        print(f"extract_codes_c2i.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, build_parser().parse_args())

@@ -27,8 +27,10 @@ from torch.utils.data import DataLoader
 
 from autoregressive.strategies import (add_strategy_arguments, check_strategy_flags, get_strategy, model_size_names,
                                       parse_driver_args, strategy_names)
+from autoregressive.strategies.base import Strategy
 from dataset.codes import CodeDataset, check_codes_compatible
 from dataset.image_folder import check_class_index
+from tokenizer.registry import check_codes, load_tokenizer
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_cli
 from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
@@ -73,6 +75,18 @@ def arch_flags(strategy_name: str) -> tuple[str, ...]:
     return ARCH_FLAGS + tuple(strategy.arch_flags) + tuple(strategy.schedule_flags)
 
 
+def hand_over_tokenizer(strategy: Strategy, args: argparse.Namespace) -> torch.nn.Module | None:
+    """A strategy that trains with its tokenizer (`tokenizer_flag`; VAR's next-scale inputs come from
+    its VQVAE) gets it loaded through the tokenizer registry; the others train on codes alone."""
+    path = strategy.tokenizer_path(args) if strategy.tokenizer_flag is not None else None
+    if not path:
+        return None
+    tokenizer = load_tokenizer(path, kind=strategy.tokenizer_kind, downsample=args.downsample_size,
+                               **strategy.tokenizer_options(args))
+    strategy.use_tokenizer(tokenizer)
+    return tokenizer
+
+
 @dataclass
 class TrainState:
     """What a training run carries from step to step, and what its checkpoints hold."""
@@ -113,9 +127,12 @@ def resolve_flags(args: argparse.Namespace, given: set[str]) -> None:
             setattr(args, k, v)
 
 
-def open_data(args: argparse.Namespace, strategy) -> tuple[CodeDataset, dict]:
-    """The code folder, checked against the flags before anything is written."""
+def open_data(args: argparse.Namespace, strategy, tokenizer: torch.nn.Module | None) -> tuple[CodeDataset, dict]:
+    """The code folder, checked against the flags (and against the tokenizer a strategy trains
+    with, whose codebook builds its inputs) before anything is written."""
     data = CodeDataset(args.code_path, dataset=args.dataset, image_size=args.image_size, seed=args.global_seed)
+    if tokenizer is not None:
+        check_codes(tokenizer, data.codes_dir, strategy.tokenizer_path(args))
     info = check_codes_compatible(args.code_path, args.dataset, args.image_size, data=data,
                                   codebook_size=args.vocab_size, num_tokens=strategy.code_length(args))
     if data.class_to_idx is not None and len(data.class_to_idx) > args.num_classes:
@@ -358,7 +375,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     # Data and strategy flags: checked before anything is written -----------------------------
     strategy = get_strategy(args.strategy)
     strategy.configure(args, training=True)
-    data, codes_info = open_data(args, strategy)
+    tokenizer = hand_over_tokenizer(strategy, args)
+    data, codes_info = open_data(args, strategy, tokenizer)
     if not (args.resume or args.gpt_ckpt):  # a resumed run takes its architecture from its checkpoint first
         with torch.device("meta"):  # size, grid and strategy flags fit together, before any folder exists
             strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args))
@@ -374,6 +392,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
         take_run_settings(args, given, ckpt, resume_path, data, logger)
         strategy = get_strategy(args.strategy)  # configured for the flags the checkpoint fixed
         strategy.configure(args, training=True)
+        hand_over_tokenizer(strategy, args)
     logger.info(f"run folder {run_dir}; world size {world}; device {device}; micro-batch {micro_batch}")
 
     # Model, EMA, optimizer, loop ------------------------------------------------------------
