@@ -13,8 +13,9 @@ import torch
 
 from dataset.digits import digit_to_pil, load_digits_arrays
 from tests.torchrun import torchrun
+from tokenizer.losses import PerceptualWeightsMissing
 from tokenizer.train_vq import get_parser, main
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--vq-model", "VQ-debug", "--codebook-size", "512", "--image-size", "32", "--num-workers", "0",
@@ -106,7 +107,7 @@ def test_missing_perceptual_weights_stop_with_instructions(tmp_path):
     argv += ["--dataset", "digits", "--global-batch-size", "8", "--max-steps", "1", "--results-dir", str(tmp_path),
              "--perceptual-ckpt", str(tmp_path / "lpips" / "vgg.pth"),
              "--perceptual-vgg-ckpt", str(tmp_path / "lpips" / "vgg16-397923af.pth")]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PerceptualWeightsMissing) as e:
         run(argv)
     msg = str(e.value)
     for part in ("vgg.pth", "d507d7349b931f0638a25a48a722f98a", "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -118,7 +119,7 @@ def test_missing_perceptual_weights_stop_with_instructions(tmp_path):
     torch.save({f"lin{k}.model.1.weight": torch.zeros(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
                tmp_path / "lpips" / "vgg.pth")
     (tmp_path / "lpips" / "vgg16-397923af.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="md5"):
+    with pytest.raises((PerceptualWeightsMissing, CheckpointError), match="md5"):
         run(argv)
 
 

@@ -45,6 +45,8 @@ def world(tmp_path_factory) -> Path:
     np.savez(d / "nchw.npz", arr_0=rng.randint(0, 256, (8, 3, 16, 16)).astype(np.uint8))
     np.savez(d / "float.npz", arr_0=rng.rand(8, 16, 16, 3).astype(np.float32))
     np.savez(d / "small.npz", arr_0=rng.randint(0, 256, (8, 8, 8, 3)).astype(np.uint8))
+    (d / "gpt-run" / "checkpoints").mkdir(parents=True)  # a GPT run, for --resume of the wrong trainer
+    save_checkpoint({"model": {}, "args": {"strategy": "raster"}, "data_pos": 0}, d / "gpt-run" / "checkpoints" / "0000001.pt")
     (d / "cwd").mkdir()
     return d
 
@@ -62,6 +64,15 @@ GRID = ["autoregressive/sample/sample_c2i.py", *MODELS, "--classes", "1", "2", "
 EDIT = ["autoregressive/sample/edit.py", *MODELS, "--image", "{w}/image.png", "--class-id", "1", "--box", "0,0,8,8",
         "--out", "{w}/edit.png"]
 ORDERS = ["-m", "autoregressive.sample.lpd_orders", "--grid", "4", "--out", "{w}/orders.json", "--workers", "1"]
+VQTRAIN = ["tokenizer/train_vq.py", "--vq-model", "VQ-debug", "--codebook-size", "64", "--image-size", "32",
+           "--num-workers", "0", "--perceptual-weight", "0", "--device", "cpu", "--mixed-precision", "none",
+           "--dataset", "digits", "--global-batch-size", "8", "--max-steps", "1", "--results-dir", "{w}/vq-results"]
+EXTRACT = ["autoregressive/train/extract_codes_c2i.py", "--dataset", "digits", "--image-size", "16", "--vq-model",
+           "VQ-debug", "--codebook-size", "64", "--vq-ckpt", "{w}/vq.pt", "--code-path", "{w}/new-codes", "--num-workers",
+           "0", "--device", "cpu", "--no-flip"]
+RECON = ["tokenizer/reconstruction_vq_ddp.py", "--vq-ckpt", "{w}/vq.pt", "--vq-model", "VQ-debug", "--codebook-size",
+         "64", "--dataset", "digits", "--image-size", "16", "--image-size-eval", "16", "--sample-dir", "{w}/recon",
+         "--num-workers", "0", "--device", "cpu"]
 EVAL = ["evaluations/c2i/evaluator.py", "--backend", "torch", "--weights", "{w}/inception.pth", "--is-split-size", "4"]
 
 #: (id, command, text the single error line must contain)
@@ -109,6 +120,17 @@ CASES = [
     ("eval-missing", EVAL + ["{w}/nope.npz", "{w}/ref.npz"], "nope.npz"),
     ("eval-sizes-differ", EVAL + ["{w}/ref.npz", "{w}/small.npz"], "16x16"),
     ("eval-no-weights", EVAL + ["{w}/ref.npz", "{w}/ref.npz"], "inception.pth"),
+    # tokenizer training, extraction, reconstruction
+    ("vq-image-size", VQTRAIN + ["--image-size", "30"], "--image-size 30"),
+    ("vq-resume-typo", VQTRAIN + ["--resume", "{w}/vq-results/000-typo"], "--resume"),
+    ("vq-resume-and-ckpt", VQTRAIN + ["--resume", "{w}/vq-results", "--vq-ckpt", "{w}/vq.pt"], "--resume"),
+    ("vq-resume-a-gpt-run", VQTRAIN + ["--resume", "{w}/gpt-run"], "train_c2i.py"),
+    ("vq-finetune-without-ckpt", VQTRAIN + ["--finetune"], "--finetune"),
+    ("extract-missing-tokenizer", [a.replace("{w}/vq.pt", "{w}/missing-vq.pt") for a in EXTRACT], "missing-vq.pt"),
+    ("extract-image-size", EXTRACT + ["--image-size", "18"], "--image-size 18"),
+    ("extract-codebook", EXTRACT + ["--codebook-size", "512"], "--codebook-size"),
+    ("recon-split-of-a-folder", RECON + ["--dataset", "folder", "--data-path", "{w}", "--split", "train"], "--split"),
+    ("recon-image-size", RECON + ["--image-size", "18"], "--image-size 18"),
     # downloads, presets, benches
     ("download-unknown", ["scripts/download_models.py", "nope.pt", "--dest", "{w}/models"], "nope.pt"),
     ("reproduce-unknown", ["-m", "autoregressive.reproduce", "llamagen", "NOPE", "--dry-run",

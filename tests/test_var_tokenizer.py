@@ -91,7 +91,7 @@ def _tensors(tree, prefix: str = "") -> dict:
 
 
 def test_sizes_that_do_not_fit_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="the last scale must be 8"):
+    with pytest.raises(ValueError, match="the last scale must be 8"):
         run(TINY[:-2] + ["--global-batch-size", "8", "--v-patch-nums", "1_2_4", "--max-steps", "1",
                          "--results-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="no official patch_nums for 32 px"):

@@ -647,11 +647,11 @@ def main(args: argparse.Namespace, given: Container[str] | None = None) -> None:
     if args.vq_model not in size_names():
         raise ValueError(f"unknown --vq-model {args.vq_model}")
 
-    # Run folder, models, optimizers, data:
-    open_run_folder(run)
+    # Models, optimizers, data (each may refuse the flags), then the run folder:
     models = build_models(run, ckpt, perceptual)
     opt = build_optimizers(run, models)
     dataset, sampler = build_data(run)
+    open_run_folder(run)
 
     # Resume or fine-tune, then a per-rank seed for a fresh start (DiT):
     guard = NonFiniteGuard()
