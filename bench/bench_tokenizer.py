@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer.registry import kind_of_model, kind_of_size, load_tokenizer, size_names  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 MODES = ("eager", "channels_last", "compile")
 
@@ -148,4 +149,4 @@ if __name__ == "__main__":
                         help="bf16 = torch.autocast(bfloat16) around encode and decode")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="eager first: the other modes are compared with it")
-    main(parser.parse_args())
+    run_cli(main, parser.parse_args())

@@ -37,6 +37,7 @@ from autoregressive.models.gpt import GPT_SIZES  # noqa: E402
 from autoregressive.strategies import get_strategy  # noqa: E402
 from autoregressive.strategies.npp_schedule import training_flops_fraction  # noqa: E402
 from utils.training import make_adamw  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -185,4 +186,4 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (recompiles per patch size)")
     parser.add_argument("--check-flops", action="store_true",
                         help="check the analytic matmul FLOPs against torch's FlopCounterMode first")
-    main(parser.parse_args())
+    run_cli(main, parser.parse_args())

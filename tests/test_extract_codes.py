@@ -84,7 +84,7 @@ def test_reference_layout_and_codes(env):
 def test_torchrun_two_ranks_equal_one_process(env):
     out = env / "ddp"
     cmd = [*torchrun(2), "autoregressive/train/extract_codes_c2i.py", *extract_flags(env / "imgs", out, env / "vq.pt")]
-    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_files(env / "ref", out)  # exactly N_IMAGES files each: no padding duplicates
     manifest = json.loads((out / "folder32_codes" / MANIFEST_FILE).read_text())
@@ -98,9 +98,8 @@ def test_killed_run_resumes_only_what_was_missing(env):
            *extract_flags(env / "imgs", out, env / "vq.pt")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
     try:
-        while time.time() < deadline and proc.poll() is None:
+        while proc.poll() is None:  # no wall-clock limit: a slow machine only waits longer
             if labels.is_dir() and len(list(labels.glob("*.npy"))) >= 4:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -171,7 +170,7 @@ def test_wrong_image_size_is_refused_from_the_command_line(env, tmp_path):
     flags = extract_flags(env / "small", tmp_path / "codes", env / "vq.pt")
     flags[flags.index("--image-size") + 1] = "30"  # VQ-debug downsamples by 4
     res = subprocess.run([sys.executable, "autoregressive/train/extract_codes_c2i.py", *flags], cwd=ROOT,
-                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                         env=subprocess_env(), capture_output=True, text=True)
     assert res.returncode == 2
     assert "error: --image-size 30 is not a multiple of the tokenizer's downsampling factor 4" in res.stderr
     assert "Traceback" not in res.stderr

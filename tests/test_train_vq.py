@@ -78,8 +78,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, small_folder):
     # A real interruption: SIGKILL as soon as the first checkpoint is on disk.
     cmd = [sys.executable, str(ROOT / "tokenizer" / "train_vq.py"), *common, "--results-dir", str(tmp_path / "cut")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # no wall-clock limit: a slow machine only waits longer
         if (tmp_path / "cut").is_dir() and list((tmp_path / "cut").glob("*/checkpoints/0000003.pt")):
             break
         time.sleep(0.02)
@@ -129,7 +128,7 @@ def test_torchrun_two_ranks(tmp_path):
     cmd = [*torchrun(2), str(ROOT / "tokenizer" / "train_vq.py"),
            *TINY, "--dataset", "digits", "--global-batch-size", "8", "--max-steps", "2", "--log-every", "1",
            "--disc-start", "1", "--disc-adaptive-weight", "--results-dir", str(tmp_path)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=240)
+    res = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = load_checkpoint(only_run(tmp_path) / "checkpoints" / "0000002.pt")
     assert ckpt["steps"] == 2 and len(ckpt["rng"]) == 2
