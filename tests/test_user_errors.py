@@ -146,12 +146,14 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(root.rglob("*"))}
 
 
-def run(world: Path, cmd: list[str]) -> subprocess.CompletedProcess:
+def run(world: Path, cmd: list[str], debug: bool = False) -> subprocess.CompletedProcess:
     argv = [a.replace("{w}", str(world)) for a in cmd]
     if not argv[0].startswith("-"):
         argv[0] = str(ROOT / argv[0])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("AR_DEBUG", None)
+    if debug:
+        env["AR_DEBUG"] = "1"
     return subprocess.run([sys.executable, *argv], cwd=world / "cwd", env=env, capture_output=True, text=True)
 
 
@@ -185,8 +187,5 @@ def test_corrected_reruns_succeed(world):
 
 
 def test_debug_shows_the_traceback(world):
-    argv = [a.replace("{w}", str(world)) for a in GRID + ["--per-class", "0"]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "AR_DEBUG": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=world / "cwd", env=env,
-                         capture_output=True, text=True)
+    res = run(world, GRID + ["--per-class", "0"], debug=True)
     assert res.returncode != 0 and "Traceback" in res.stderr and "--per-class" in res.stderr
