@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dataset.build import IMAGE_DATASETS, build_image_dataset
 from dataset.codes import MANIFEST_FILE, META_FILE, META_FORMAT, code_dirs, npy_indices, read_meta
 from dataset.image_folder import DatasetError, collate_skip_corrupt, write_class_index
-from dataset.transforms import center_crop_tensor, ten_crop_tensor, with_flip
+from dataset.transforms import center_crop_tensor, ten_crop_tensor
 from tokenizer.registry import code_length, encode, identity, kind_of_size, load_tokenizer, size_names
 from utils.checkpoint import save_json, save_npy
 from utils.cli import run_cli
@@ -83,15 +83,24 @@ def num_views(ten_crop: bool, flip: bool) -> int:
     return (10 if ten_crop else 2) // (1 if flip else 2)
 
 
-def encode_image(vq: nn.Module, views: torch.Tensor, ten_crop: bool, flip: bool = True) -> np.ndarray:
-    """(V,3,S,S) views of one image -> int64 codes (1, num_aug, N), one forward as the official.
+def encode_images(vq: nn.Module, views: torch.Tensor, ten_crop: bool, flip: bool = True) -> np.ndarray:
+    """(B,V,3,S,S) views of B images -> int64 codes (B, num_aug, N), all in one forward.
 
-    Ten-crop views already contain their mirrors (TenCrop); otherwise [x, flip(x)] (num_aug 2).
-    `flip=False` (data where a mirror changes the class, e.g. digits) encodes the views as they are.
+    Ten-crop views already contain their mirrors (TenCrop); otherwise each image's views are
+    followed by their mirrors, [x, flip(x)] (num_aug 2) as the official. `flip=False` (data where a
+    mirror changes the class, e.g. digits) encodes the views as they are. Each image's codes are
+    those of the official one-image forward: the encoder treats batch items independently.
     """
-    x_all = views if (ten_crop or not flip) else with_flip(views)
-    idx = encode(vq, x_all)  # (num_aug, N)
-    return idx.reshape(1, x_all.shape[0], -1).to("cpu", torch.int64).numpy()
+    if not (ten_crop or not flip):
+        views = torch.cat([views, torch.flip(views, dims=[-1])], dim=1)
+    b, num_aug = views.shape[:2]
+    idx = encode(vq, views.flatten(0, 1))  # (B * num_aug, N)
+    return idx.reshape(b, num_aug, -1).to("cpu", torch.int64).numpy()
+
+
+def encode_image(vq: nn.Module, views: torch.Tensor, ten_crop: bool, flip: bool = True) -> np.ndarray:
+    """(V,3,S,S) views of one image -> int64 codes (1, num_aug, N): the official one-image forward."""
+    return encode_images(vq, views[None], ten_crop, flip)
 
 
 @dataclass
