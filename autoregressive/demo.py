@@ -260,11 +260,11 @@ def stage_reconstruction(out: Path, vq_ckpt: Path, clf, device, logger):
 
 def stage_codes(out: Path, vq_ckpt: Path, args, logger, kind: str = "vq"):
     from autoregressive.train import extract_codes_c2i
-    from dataset.codes import MANIFEST_FILE, code_dirs
+    from dataset.code_shards import shards_dir
+    from dataset.codes import MANIFEST_FILE
 
     code_path = out / "codes" / f"{vq_ckpt.parent.parent.name}-{vq_ckpt.stem}"
-    codes_dir = code_dirs(code_path, "digits", IMAGE_SIZE)[0]
-    if (codes_dir / MANIFEST_FILE).is_file():
+    if (shards_dir(code_path, "digits", IMAGE_SIZE) / MANIFEST_FILE).is_file():
         logger.info(f"reusing the codes under {code_path}")
         return code_path, True
     argv = ["--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--vq-model", TOKENIZERS[kind]["vq_model"],

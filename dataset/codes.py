@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataset.code_shards import PackedCodes, shard_settings, shards_dir
 from dataset.image_folder import DatasetError, check_class_index, read_class_index
+from utils.splitmix import MASK64, splitmix64_np
 
 META_FILE = "codes_meta.json"        # beside the codes: how they were made (written by extraction)
 MANIFEST_FILE = "manifest.json"      # written last by a completed extraction run
@@ -147,18 +149,86 @@ def check_codes_compatible(code_path: str | os.PathLike, dataset: str = "imagene
 # ---------------------------------------------------------------------------------------------
 
 
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator for one item's random draws, a pure function of (seed, epoch, index)."""
-    h = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+def item_draws(seed: int, epoch: int, items: np.ndarray) -> np.ndarray:
+    """Two uniforms in [0, 1) per item, (n, 2) float64: a pure function of (seed, epoch, item), the
+    same in any process and whether items are read one at a time or a batch at once."""
+    key = splitmix64_np(np.array([seed & MASK64], dtype=np.uint64))
+    key = splitmix64_np(key + np.uint64((epoch * 0x2545F4914F6CDD1D) & MASK64))
+    key = splitmix64_np(key + np.asarray(items, dtype=np.int64).astype(np.uint64))
+    bits = splitmix64_np(key[:, None] + np.array([1, 2], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class FileCodes:
+    """The per-image layout (`<k>.npy` per image in a codes and a labels folder), read file by file."""
+
+    def __init__(self, codes_dir: Path, labels_dir: Path):
+        self.codes_dir, self.labels_dir = codes_dir, labels_dir
+        # An image counts once both its code and its label file exist (an interrupted extraction
+        # can leave a code without its label; corrupt images leave gaps).
+        self.indices = np.intersect1d(npy_indices(codes_dir), npy_indices(labels_dir))
+
+    def views(self, i: int) -> np.ndarray:
+        """All views of item i as (num_aug, N)."""
+        return _as_views(np.load(self.codes_dir / f"{int(self.indices[i])}.npy"), self.codes_dir, i)
+
+    def gather(self, items: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        codes = np.stack([self.views(int(i))[int(v)] for i, v in zip(items, views)]) if len(items) else \
+            np.zeros((0, 0), np.int64)
+        labels = np.array([int(np.load(self.labels_dir / f"{int(self.indices[i])}.npy").reshape(-1)[0])
+                           for i in items], dtype=np.int64)
+        return codes, labels
+
+
+class ClassFolderCodes:
+    """The RandAR/ARPG archive: `<root>/<class id>/<name>.npy` (num_aug, N), label = folder name."""
+
+    def __init__(self, root: Path):
+        names, labels = [], []
+        for cls in class_id_folders(root):
+            files = sorted(e.name for e in os.scandir(root / cls) if e.name.endswith(".npy") and e.is_file())
+            names.extend(f"{cls}/{f}" for f in files)
+            labels.extend([int(cls)] * len(files))
+        self.root = root
+        self.files = np.array([n.encode() for n in names], dtype=np.bytes_)  # compact: ~1.3M names on ImageNet
+        self.labels = np.array(labels, dtype=np.int64)
+        self.indices = np.arange(len(self.files), dtype=np.int64)
+
+    def views(self, i: int) -> np.ndarray:
+        return _as_views(np.load(self.root / self.files[i].decode()), self.root, i)
+
+    def gather(self, items: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        codes = np.stack([self.views(int(i))[int(v)] for i, v in zip(items, views)]) if len(items) else \
+            np.zeros((0, 0), np.int64)
+        return codes, self.labels[np.asarray(items, dtype=np.int64)]
+
+
+class PackedStore(PackedCodes):
+    """The packed layout (`dataset/code_shards.py`) with the reading interface of the other two."""
+
+    def views(self, i: int) -> np.ndarray:
+        return self.gather(np.array([i]))[0][0]
+
+
+def _as_views(arr: np.ndarray, where: Path, i: int) -> np.ndarray:
+    if arr.ndim not in (2, 3):
+        raise CodesError(f"code file of item {i} in {where} has shape {arr.shape}, expected (num_aug, N) "
+                         f"or (1, num_aug, N)")
+    return arr.reshape(-1, arr.shape[-1])
+
+
+def class_id_folders(root: Path) -> list[str]:
+    return sorted((d.name for d in root.iterdir() if d.is_dir() and d.name.isdigit()), key=int)
 
 
 class CodeDataset(Dataset):
     """Items are (codes (N,) int64, label () int64), one randomly drawn view per image.
 
-    `code_path` is the `--code-path` of extraction (llamagen layout, found through `dataset` and
-    `image_size`) or the root of a RandAR/ARPG class-folder archive. `seed` and `set_epoch(epoch)`
-    fix every random choice, so the same (seed, epoch, index) always gives the same view.
+    `code_path` is the `--code-path` of extraction (packed shards or the official per-image layout,
+    found through `dataset` and `image_size`) or the root of a RandAR/ARPG class-folder archive.
+    `seed` and `set_epoch(epoch)` fix every random choice, so the same (seed, epoch, index) always
+    gives the same view, whichever layout holds the codes. A DataLoader fetches a whole batch through
+    `__getitems__`, which reads the packed layout shard by shard instead of item by item.
     """
 
     def __init__(self, code_path: str | os.PathLike, dataset: str = "imagenet", image_size: int = 256,
@@ -166,130 +236,127 @@ class CodeDataset(Dataset):
         self.code_path = Path(code_path)
         self.dataset, self.image_size, self.seed, self.epoch = dataset, image_size, seed, 0
         self.codes_dir, self.labels_dir = code_dirs(code_path, dataset, image_size)
-        self.sibling_dir: Path | None = None
-        self.sibling_labels_dir: Path | None = None
-        self.sibling_has: np.ndarray | None = None
+        self.shards_dir = shards_dir(code_path, dataset, image_size)
+        self.sibling: FileCodes | PackedStore | None = None
         self.meta: dict | None = None
-        if self.codes_dir.is_dir():
-            self._init_llamagen()
-        elif self.code_path.is_dir() and self._class_folders():
-            self._init_class_folders()
+        self.class_to_idx: dict | None = None
+        if self.shards_dir.is_dir():
+            self.layout = "packed"
+            self.codes_dir = self.shards_dir  # where codes_meta.json lives, for checks and messages
+            self._open_extracted(lambda d: PackedStore(d, expect=shard_settings(read_meta(d))),
+                                 self.shards_dir)
+        elif self.codes_dir.is_dir():
+            self.layout = "llamagen"
+            if not self.labels_dir.is_dir():
+                raise CodesError(f"{self.codes_dir} has no label folder {self.labels_dir}")
+            self._open_extracted(lambda d: FileCodes(d, _labels_of(d)), self.codes_dir)
+        elif self.code_path.is_dir() and class_id_folders(self.code_path):
+            self.layout = "class-folders"
+            self.store = ClassFolderCodes(self.code_path)
+            # RandAR archives carry no class map; one written beside them is honoured.
+            self.class_to_idx = read_class_index(self.code_path)
         else:
             raise CodesError(
-                f"no codes found at {self.code_path}: expected {self.codes_dir.name}/ and "
-                f"{self.labels_dir.name}/ inside it (extract_codes_c2i.py with --dataset {dataset} "
-                f"--image-size {image_size}), or class-id folders of .npy files (RandAR/ARPG archive)")
+                f"no codes found at {self.code_path}: expected {self.shards_dir.name}/ (packed), or "
+                f"{self.codes_dir.name}/ and {self.labels_dir.name}/ (per-image) inside it "
+                f"(extract_codes_c2i.py with --dataset {dataset} --image-size {image_size}), or "
+                f"class-id folders of .npy files (RandAR/ARPG archive)")
+        self.indices = self.store.indices
         if len(self) == 0:
-            raise CodesError(f"{self.codes_dir if self.layout == 'llamagen' else self.code_path} holds no code files")
+            where = self.code_path if self.layout == "class-folders" else self.codes_dir
+            raise CodesError(f"{where} holds no codes")
         self.num_aug, self.num_tokens = self._probe_shape()
 
     # Layout detection -----------------------------------------------------------------------
 
-    def _init_llamagen(self) -> None:
-        self.layout = "llamagen"
-        if not self.labels_dir.is_dir():
-            raise CodesError(f"{self.codes_dir} has no label folder {self.labels_dir}")
-        self.meta = read_meta(self.codes_dir)
+    def _open_extracted(self, open_store, folder: Path) -> None:
+        """The codes of an extraction folder and, by the official rule, its ten-crop sibling."""
+        self.meta = read_meta(folder)
         if self.meta is not None and self.meta.get("image_size") != self.image_size:
-            raise CodesError(f"{self.codes_dir} records image size {self.meta.get('image_size')}, "
-                             f"not {self.image_size}")
-        # An image counts once both its code and its label file exist (an interrupted extraction
-        # can leave a code without its label; corrupt images leave gaps).
-        self.indices = np.intersect1d(npy_indices(self.codes_dir), npy_indices(self.labels_dir))
-        self.class_to_idx = (self.meta or {}).get("class_to_idx") or read_class_index(self.codes_dir)
-        sib = ten_crop_sibling(self.codes_dir)
-        if sib is not None and sib.is_dir():
+            raise CodesError(f"{folder} records image size {self.meta.get('image_size')}, not {self.image_size}")
+        self.store = open_store(folder)
+        self.class_to_idx = (self.meta or {}).get("class_to_idx") or read_class_index(folder)
+        sib = ten_crop_sibling(folder)
+        if sib is None or not sib.is_dir():
+            return
+        if self.layout == "llamagen":
             sib_labels = ten_crop_sibling(self.labels_dir)
             if sib_labels is None or not sib_labels.is_dir():
                 raise CodesError(f"the ten-crop sibling {sib} has no label folder {sib_labels}")
-            sib_meta = read_meta(sib)
-            if self.meta is not None and sib_meta is not None:
-                a, b = self.meta.get("tokenizer", {}), sib_meta.get("tokenizer", {})
-                if a.get("weights_sha256") != b.get("weights_sha256"):
-                    raise CodesError(f"the ten-crop sibling {sib} was made by another tokenizer than "
-                                     f"{self.codes_dir}:\n  {_short_identity(b)}\n  {_short_identity(a)}")
-                check_class_index(self.meta.get("class_to_idx") or {}, sib_meta.get("class_to_idx"), str(sib))
-            present = np.intersect1d(npy_indices(sib), npy_indices(sib_labels))
-            self.sibling_dir, self.sibling_labels_dir = sib, sib_labels
-            self.sibling_has = np.isin(self.indices, present)
-
-    def _class_folders(self) -> list[str]:
-        return sorted((d.name for d in self.code_path.iterdir() if d.is_dir() and d.name.isdigit()), key=int)
-
-    def _init_class_folders(self) -> None:
-        self.layout = "class-folders"
-        names, labels = [], []
-        for cls in self._class_folders():
-            files = sorted(e.name for e in os.scandir(self.code_path / cls)
-                           if e.name.endswith(".npy") and e.is_file())
-            names.extend(f"{cls}/{f}" for f in files)
-            labels.extend([int(cls)] * len(files))
-        self.files = np.array([n.encode() for n in names], dtype=np.bytes_)  # compact: ~1.3M names on ImageNet
-        self.labels = np.array(labels, dtype=np.int64)
-        # RandAR archives carry no class map; one written beside them is honoured.
-        self.class_to_idx = read_class_index(self.code_path)
+        sib_meta = read_meta(sib)
+        if self.meta is not None and sib_meta is not None:
+            a, b = self.meta.get("tokenizer", {}), sib_meta.get("tokenizer", {})
+            if a.get("weights_sha256") != b.get("weights_sha256"):
+                raise CodesError(f"the ten-crop sibling {sib} was made by another tokenizer than "
+                                 f"{folder}:\n  {_short_identity(b)}\n  {_short_identity(a)}")
+            check_class_index(self.meta.get("class_to_idx") or {}, sib_meta.get("class_to_idx"), str(sib))
+        self.sibling = open_store(sib)
+        # Position in the sibling of each item's image, or -1 where the sibling lacks it.
+        pos = np.searchsorted(self.sibling.indices, self.store.indices)
+        pos = np.minimum(pos, max(len(self.sibling.indices) - 1, 0))
+        found = (self.sibling.indices[pos] == self.store.indices) if len(self.sibling.indices) else \
+            np.zeros(len(self.store.indices), bool)
+        self.sibling_pos = np.where(found, pos, -1)
 
     def _probe_shape(self) -> tuple[int, int]:
         if self.meta is not None and "num_aug" in self.meta and "num_tokens" in self.meta:
             return int(self.meta["num_aug"]), int(self.meta["num_tokens"])
-        arr = self._load_views(0, sibling=False)
+        arr = self.store.views(0)
         return arr.shape[0], arr.shape[1]
 
     # Reading --------------------------------------------------------------------------------
-
-    def _load_views(self, i: int, sibling: bool) -> np.ndarray:
-        """All views of item i as (num_aug, N)."""
-        if self.layout == "llamagen":
-            folder = self.sibling_dir if sibling else self.codes_dir
-            arr = np.load(folder / f"{int(self.indices[i])}.npy")
-        else:
-            arr = np.load(self.code_path / self.files[i].decode())
-        if arr.ndim not in (2, 3):
-            raise CodesError(f"code file of item {i} has shape {arr.shape}, expected (num_aug, N) or (1, num_aug, N)")
-        return arr.reshape(-1, arr.shape[-1])
-
-    def _label(self, i: int, sibling: bool) -> int:
-        if self.layout == "llamagen":
-            folder = self.sibling_labels_dir if sibling else self.labels_dir
-            return int(np.load(folder / f"{int(self.indices[i])}.npy").reshape(-1)[0])
-        return int(self.labels[i])
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random views of `epoch` (call on every rank before each epoch, like a sampler)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.indices) if self.layout == "llamagen" else len(self.files)
+        return len(self.indices)
+
+    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The items of one batch, fetched together (what DataLoader calls when it exists)."""
+        items = np.asarray(items, dtype=np.int64)
+        u = item_draws(self.seed, self.epoch, items)
+        # The official order of choices: the sibling folder first (p = 0.5), then the view.
+        if self.sibling is not None:
+            sib_pos = self.sibling_pos[items]
+            from_sib = (sib_pos >= 0) & (u[:, 0] < 0.5)
+        else:
+            from_sib = np.zeros(len(items), dtype=bool)
+        views = np.minimum((u[:, 1] * self.num_aug).astype(np.int64), self.num_aug - 1)
+        codes = np.empty((len(items), self.num_tokens), dtype=np.int64)
+        labels = np.empty(len(items), dtype=np.int64)
+        for store, sel, where in ((self.store, ~from_sib, items), (self.sibling, from_sib, None)):
+            if sel.any():
+                pos = where[sel] if where is not None else sib_pos[sel]
+                codes[sel], labels[sel] = store.gather(pos, views[sel])
+        c, y = torch.from_numpy(codes), torch.from_numpy(labels)
+        return list(zip(c.unbind(0), y.unbind(0)))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = item_generator(self.seed, self.epoch, i)
-        # Official order of draws: sibling folder first (p = 0.5), then the view.
-        sibling = bool(self.sibling_has is not None and self.sibling_has[i]
-                       and torch.rand(1, generator=g).item() < 0.5)
-        views = self._load_views(i, sibling)
-        view = int(torch.randint(0, views.shape[0], (1,), generator=g).item()) if views.shape[0] > 1 else 0
-        codes = torch.from_numpy(np.ascontiguousarray(views[view]).astype(np.int64))  # (N,)
-        return codes, torch.tensor(self._label(i, sibling), dtype=torch.int64)
+        return self.__getitems__([i])[0]
 
     def image_index(self, i: int) -> int:
-        """The data set index k of item i (llamagen layout), or i (class-folder layout)."""
-        return int(self.indices[i]) if self.layout == "llamagen" else i
+        """The data set index k of item i (its position in the archive for the class-folder layout)."""
+        return int(self.indices[i])
 
     def max_code_sample(self, n: int = 16) -> int:
-        """The largest code index over (up to) n evenly spaced files: a cheap range check."""
+        """The largest code index over (up to) n evenly spaced images: a cheap range check."""
         picks = np.unique(np.linspace(0, len(self) - 1, num=min(n, len(self))).astype(np.int64))
-        return max(int(self._load_views(int(i), sibling=False).max()) for i in picks)
+        return max(int(self.store.views(int(i)).max()) for i in picks)
 
     def describe(self) -> dict[str, Any]:
         """What was found, for logs and checkpoints."""
         d: dict[str, Any] = {"layout": self.layout, "code_path": str(self.code_path), "num_files": len(self),
                              "num_aug": self.num_aug, "num_tokens": self.num_tokens,
                              "has_metadata": self.meta is not None}
-        if self.layout == "llamagen":
+        if self.layout != "class-folders":
             d["codes_dir"] = str(self.codes_dir)
-            if self.sibling_dir is not None:
-                d["ten_crop_sibling"] = str(self.sibling_dir)
-                d["ten_crop_sibling_files"] = int(self.sibling_has.sum())
+        if self.layout == "packed":
+            d["num_shards"] = len(self.store.shards)
+        if self.sibling is not None:
+            d["ten_crop_sibling"] = str(ten_crop_sibling(self.codes_dir))
+            d["ten_crop_sibling_files"] = int((self.sibling_pos >= 0).sum())
         if self.meta is not None:
             tok = self.meta.get("tokenizer", {})
             d.update(tokenizer_sha256=tok.get("weights_sha256"), image_size=self.meta.get("image_size"),
@@ -297,3 +364,8 @@ class CodeDataset(Dataset):
                      codebook_size=tok.get("config", {}).get("codebook_size"),
                      skipped_images=len(self.meta.get("skipped", [])))
         return d
+
+
+def _labels_of(codes_dir: Path) -> Path:
+    """The official labels folder beside a `<dataset><S>_codes` folder."""
+    return codes_dir.with_name(codes_dir.name[: -len("_codes")] + "_labels")

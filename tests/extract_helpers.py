@@ -6,6 +6,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from autoregressive.train.extract_codes_c2i import build_parser
@@ -45,3 +46,22 @@ def extract_flags(data_path: Path | None, code_path: Path, vq_ckpt: Path, *extra
 
 def extract_args(*a, **kw):
     return build_parser().parse_args(extract_flags(*a, **kw))
+
+
+def read_extracted(code_path: Path, name: str = "folder32") -> dict[int, tuple[np.ndarray, int]]:
+    """Image index -> (codes (num_aug, N) int64, label) of an extraction, in either layout."""
+    out = {}
+    shards = code_path / f"{name}_shards"
+    if shards.is_dir():
+        for p in sorted(shards.glob("shard_*.npz")):
+            with np.load(p) as f:
+                for c, y, k in zip(f["codes"], f["labels"], f["indices"]):
+                    assert int(k) not in out, f"image {k} is in two shards"
+                    out[int(k)] = (c.astype(np.int64), int(y))
+        return out
+    for p in (code_path / f"{name}_codes").glob("*.npy"):
+        k = int(p.stem)
+        codes = np.load(p)
+        assert codes.dtype == np.int64 and codes.ndim == 3 and codes.shape[0] == 1
+        out[k] = (codes[0], int(np.load(code_path / f"{name}_labels" / p.name).reshape(-1)[0]))
+    return out

@@ -1,4 +1,4 @@
-"""The training-side code reader: both layouts, gaps, seeded view choice, the ten_crop_105 sibling
+"""The training-side code reader: the three layouts (packed shards, per-image files, RandAR folders), gaps, seeded view choice, the ten_crop_105 sibling
 rule, and refusing codes of another tokenizer, image size, codebook or class map."""
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from autoregressive.train.extract_codes_c2i import main
+from dataset.code_shards import num_shards, shard_range, write_code_shard
 from dataset.codes import META_FILE, CodeDataset, CodesError, check_codes_compatible, ten_crop_sibling
 from dataset.image_folder import DatasetError, write_class_index
 from tests.extract_helpers import extract_args, make_image_folder, make_vq_ckpt
 from tokenizer.loading import load_vq, tokenizer_identity
+from utils.training import ResumableDistributedSampler
 
 N = 64  # tokens per view in the hand-made folders
 
@@ -42,8 +44,21 @@ def extracted(tmp_path_factory):
     d = tmp_path_factory.mktemp("codes")
     make_vq_ckpt(d / "vq.pt", seed=0)
     make_image_folder(d / "imgs", classes=2, per_class=4)
-    main(extract_args(d / "imgs", d / "codes", d / "vq.pt"))
+    main(extract_args(d / "imgs", d / "codes", d / "vq.pt", "--layout", "official"))
+    main(extract_args(d / "imgs", d / "packed", d / "vq.pt", "--shard-size", "3", "--batch-size", "2"))
     return d
+
+
+def write_packed(code_path: Path, num_images: int, num_aug: int, offset: int = 0, name: str = "imagenet32",
+                 skip: tuple[int, ...] = (), shard_size: int = 16) -> Path:
+    """Hand-made packed layout with the values of `write_llamagen` (no metadata, as a bare copy)."""
+    folder = code_path / f"{name}_shards"
+    folder.mkdir(parents=True, exist_ok=True)
+    for j in range(num_shards(num_images, shard_size)):
+        ks = [k for k in shard_range(j, shard_size, num_images) if k not in skip]
+        codes = (offset + np.arange(num_aug, dtype=np.uint16))[None, :, None].repeat(N, axis=2).repeat(len(ks), 0)
+        write_code_shard(folder, j, codes, np.array([k % 5 for k in ks]), np.array(ks), {"shard": j})
+    return code_path
 
 
 def test_reads_our_extraction(extracted):
@@ -60,6 +75,53 @@ def test_reads_our_extraction(extracted):
     assert desc["has_metadata"] and desc["image_size"] == 32 and desc["codebook_size"] == 64
     with pytest.raises(CodesError, match="folder64_codes"):
         CodeDataset(extracted / "codes", dataset="folder", image_size=64)
+
+
+def test_reads_packed_extraction_as_the_per_image_one(extracted):
+    """Same items, labels and seeded views from either layout; whole batches equal item-by-item reads."""
+    packed = CodeDataset(extracted / "packed", dataset="folder", image_size=32, seed=7)
+    files = CodeDataset(extracted / "codes", dataset="folder", image_size=32, seed=7)
+    assert packed.layout == "packed" and len(packed) == len(files) == 8 and packed.num_aug == 2
+    assert packed.describe()["num_shards"] == 3 and packed.class_to_idx == files.class_to_idx
+    assert [packed.image_index(i) for i in range(8)] == [files.image_index(i) for i in range(8)]
+    for epoch in (0, 1):
+        packed.set_epoch(epoch)
+        files.set_epoch(epoch)
+        got = items(packed)
+        assert got == items(files)
+        batch = packed.__getitems__([5, 0, 7, 3])
+        assert [(c.tolist(), int(y)) for c, y in batch] == [got[i] for i in (5, 0, 7, 3)]
+        assert all(c.dtype == torch.int64 for c, _ in batch)
+    vq = load_vq(extracted / "vq.pt", "VQ-debug", 64)
+    ok = check_codes_compatible(extracted / "packed", "folder", 32, tokenizer_identity=tokenizer_identity(vq),
+                                codebook_size=64, num_tokens=64, class_to_idx={"0": 0, "1": 1})
+    assert ok["layout"] == "packed" and "warning" not in ok
+
+
+def test_both_layouts_give_the_same_training_batches(extracted):
+    """What the trainer's loader delivers (seeded shuffle, 2 ranks, workers) is layout-independent."""
+    def batches(path: str, rank: int) -> list:
+        data = CodeDataset(extracted / path, dataset="folder", image_size=32, seed=3)
+        sampler = ResumableDistributedSampler(len(data), rank, 2, 2, seed=3)
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            data.set_epoch(epoch)
+            out += [(c.tolist(), y.tolist()) for c, y in DataLoader(data, batch_size=2, sampler=sampler, num_workers=2)]
+        return out
+    for rank in (0, 1):
+        assert batches("packed", rank) == batches("codes", rank)
+
+
+def test_packed_shards_of_other_settings_are_refused(extracted, tmp_path):
+    import shutil
+    copy = tmp_path / "packed"
+    shutil.copytree(extracted / "packed", copy)
+    meta = json.loads((copy / "folder32_shards" / META_FILE).read_text())
+    meta["num_aug"] = 10
+    (copy / "folder32_shards" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="shard_000000.npz was made with other settings \\(num_aug\\)"):
+        CodeDataset(copy, dataset="folder", image_size=32)
 
 
 def test_reads_the_files_present_with_gaps(tmp_path):
@@ -108,6 +170,19 @@ def test_random_view_is_seeded_per_item_and_epoch(tmp_path):
     assert views(CodeDataset(tmp_path, image_size=32, seed=4)) != first
 
 
+def test_packed_gaps_and_ten_crop_105_sibling(tmp_path):
+    main_path = write_packed(tmp_path / "imagenet_code_c2i_flip_ten_crop", 40, 10, skip=(5,), shard_size=16)
+    files_path = write_llamagen(tmp_path / "files_ten_crop", 40, 10, skip=(5,))
+    data = CodeDataset(main_path, image_size=32)
+    assert data.layout == "packed" and len(data) == 39 and data.image_index(5) == 6
+    assert items(data) == items(CodeDataset(files_path, image_size=32))
+    write_packed(tmp_path / "imagenet_code_c2i_flip_ten_crop_105", 40, 10, offset=100, skip=(0, 1, 2, 3))
+    data = CodeDataset(main_path, image_size=32)
+    got = [c[0] for c, _ in items(data)]
+    assert 8 < sum(v >= 100 for v in got) < 30 and not any(v >= 100 for v in got[:4])
+    assert data.describe()["ten_crop_sibling_files"] == 35
+
+
 def test_single_view_codes_are_returned_as_they_are(tmp_path):
     write_llamagen(tmp_path, 3, 1, offset=5)
     data = CodeDataset(tmp_path, image_size=32)
@@ -131,7 +206,7 @@ def test_ten_crop_105_sibling_rule(tmp_path):
     assert data.describe()["ten_crop_sibling_files"] == 60
     # Only the official `ten_crop/` -> `ten_crop_105/` rule: other names have no sibling.
     other = write_llamagen(tmp_path / "codes_tencrop", 4, 10)
-    assert CodeDataset(other, image_size=32).sibling_dir is None
+    assert CodeDataset(other, image_size=32).sibling is None
 
 
 def test_compatibility_refusals(extracted, tmp_path):

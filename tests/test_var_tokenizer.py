@@ -15,6 +15,7 @@ import torch
 
 from autoregressive.strategies.var import VarStrategy
 from autoregressive.train import extract_codes_c2i
+from tests.extract_helpers import read_extracted
 from tokenizer.msvq import MultiScaleVQVAE, build_msvq_named, load_msvq, msvq_checkpoint
 from tokenizer.registry import load_tokenizer
 from tests.test_train_vq import only_run, run
@@ -121,12 +122,12 @@ def test_extraction_writes_multi_scale_codes_and_refuses_another_tokenizer(train
               "--num-workers", "0", "--device", "cpu", "--no-flip"]
     manifest = extract(common + ["--vq-ckpt", str(ckpt), "--code-path", str(tmp_path / "codes")])
     assert manifest["complete"] and manifest["codes_present"] == 6
-    codes_dir = tmp_path / "codes" / "folder32_codes"
-    codes = np.load(codes_dir / "0.npy")
-    assert codes.shape == (1, 1, 85) and codes.dtype == np.int64
+    codes_dir = tmp_path / "codes" / "folder32_shards"
+    codes = read_extracted(tmp_path / "codes")[0][0]
+    assert codes.shape == (1, 85)
     vq = load_msvq(ckpt)
     x = extract_codes_c2i.extraction_transform(digit_to_pil(images[0], 32).convert("RGB"), 32, False, 1.1)
-    assert np.array_equal(codes[0], vq.encode_to_indices(x).numpy())
+    assert np.array_equal(codes, vq.encode_to_indices(x).numpy())
     meta = json.loads((codes_dir / "codes_meta.json").read_text())
     assert meta["num_tokens"] == 85 and meta["tokenizer"]["config"]["kind"] == "msvq"
     assert meta["tokenizer"]["config"]["codebook_size"] == 64

@@ -8,34 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from utils.splitmix import GOLDEN_GAMMA, splitmix64, uniform53, wrap64 as _wrap64
+
 
 def image_seeds(global_seed: int, indices: torch.Tensor) -> torch.Tensor:
     """A 62-bit seed per image index (splitmix64 of global_seed and the index), as int64."""
     x = (indices.to(torch.int64) + (int(global_seed) * 0x9E3779B97F4A7C15 & 0x3FFFFFFFFFFFFFFF))
     return splitmix64(x) & 0x3FFFFFFFFFFFFFFF
-
-
-_M1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as a signed int64
-_M2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB as a signed int64
-
-
-def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift on int64 (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic), on any device."""
-    x = x + (-0x61C8864680B583EB)  # 0x9E3779B97F4A7C15
-    x = (x ^ _srl(x, 30)) * _M1
-    x = (x ^ _srl(x, 27)) * _M2
-    return x ^ _srl(x, 31)
-
-
-def _wrap64(x: int) -> int:
-    """A Python int reduced to the signed int64 range (two's-complement wrap-around)."""
-    x &= 0xFFFFFFFFFFFFFFFF
-    return x - (1 << 64) if x >= (1 << 63) else x
 
 
 class RowRNG:
@@ -52,9 +31,9 @@ class RowRNG:
             n *= s
         lanes = torch.arange(n, device=self.seeds.device, dtype=torch.int64)
         key = splitmix64(self.seeds[:, None] + _wrap64(self.counter * 0x2545F4914F6CDD1D))  # (B, 1)
-        bits = splitmix64(key + lanes[None, :] * (-0x61C8864680B583EB))  # (B, n)
+        bits = splitmix64(key + lanes[None, :] * GOLDEN_GAMMA)  # (B, n)
         self.counter += 1
-        u = _srl(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
+        u = uniform53(bits)
         return u.reshape(self.seeds.shape[0], *shape_tail)
 
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor:

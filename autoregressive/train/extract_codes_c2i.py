@@ -46,13 +46,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from dataset.build import IMAGE_DATASETS, build_image_dataset
+from dataset.code_shards import (DEFAULT_SHARD_SIZE, SHARDS_SUFFIX, code_dtype, finished_code_shards, num_shards,
+                                 read_shard_settings, shard_range, shard_settings, shards_dir, write_code_shard)
 from dataset.codes import MANIFEST_FILE, META_FILE, META_FORMAT, code_dirs, npy_indices, read_meta
 from dataset.image_folder import DatasetError, collate_skip_corrupt, write_class_index
 from dataset.transforms import center_crop_tensor, ten_crop_tensor
-from tokenizer.registry import code_length, encode, identity, kind_of_size, load_tokenizer, size_names
+from tokenizer.registry import codebook, code_length, encode, identity, kind_of_size, load_tokenizer, size_names
 from utils.checkpoint import save_json, save_npy
 from utils.cli import run_cli
 from utils.distributed import DistInfo, all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
@@ -110,6 +112,7 @@ class Tokenizer:
     model: nn.Module
     identity: dict
     num_tokens: int
+    codebook_size: int
 
 
 def open_tokenizer(args: argparse.Namespace, device: torch.device) -> Tokenizer:
@@ -127,7 +130,7 @@ def open_tokenizer(args: argparse.Namespace, device: torch.device) -> Tokenizer:
                            f"factor {vq.downsample} ({args.vq_model}); use e.g. "
                            f"{(args.image_size // vq.downsample) * vq.downsample or vq.downsample}")
     ident = identity(vq, os.path.basename(args.vq_ckpt))
-    return Tokenizer(vq.to(device).eval(), ident, code_length(vq, args.image_size))
+    return Tokenizer(vq.to(device).eval(), ident, code_length(vq, args.image_size), codebook(vq)[0])
 
 
 def extraction_meta(args: argparse.Namespace, identity: dict, data, num_aug: int, num_tokens: int) -> dict:
@@ -138,7 +141,8 @@ def extraction_meta(args: argparse.Namespace, identity: dict, data, num_aug: int
             "crop_range": args.crop_range if args.ten_crop else None, "flip": not args.no_flip,
             "num_aug": num_aug,
             "num_tokens": num_tokens, "vq_model": args.vq_model, "tokenizer": identity,
-            "class_to_idx": dict(data.class_to_idx), "skipped": []}
+            "class_to_idx": dict(data.class_to_idx), "skipped": [], "layout": args.layout,
+            **({"shard_size": args.shard_size} if args.layout == "packed" else {})}
 
 
 def _setting(meta: dict, key: str):
@@ -154,18 +158,20 @@ def _setting(meta: dict, key: str):
     return v
 
 
-def check_existing(code_path: Path, codes_dir: Path, meta: dict) -> None:
+def check_existing(code_path: Path, target: Path, meta: dict) -> None:
     """Refuse to add to a code path whose codes were made another way (nothing is written).
 
-    Every `*_codes/` folder of the code path must share this run's tokenizer, image size and crop
-    setting; the folder written to must also hold the same data set (name, size, class map).
+    Every code folder of the code path (per-image `*_codes/` and packed `*_shards/`) must share this
+    run's tokenizer, image size and crop setting; the folder written to must also hold the same data
+    set (name, size, class map) and, packed, the same shard size (shard j is images [j*s, (j+1)*s)).
     """
     if code_path.is_dir():
-        for found_meta in sorted(code_path.glob(f"*_codes/{META_FILE}")):
+        found_metas = sorted([*code_path.glob(f"*_codes/{META_FILE}"), *code_path.glob(f"*{SHARDS_SUFFIX}/{META_FILE}")])
+        for found_meta in found_metas:
             found = read_meta(found_meta.parent)
             keys = ["tokenizer", "image_size", "ten_crop", "crop_range", "flip"]
-            if found_meta.parent == codes_dir:
-                keys += ["dataset", "num_images", "class_to_idx"]
+            if found_meta.parent == target:
+                keys += ["dataset", "num_images", "class_to_idx", "shard_size"]
             bad = [f"{k}: there {_setting(found, k)}; this run {_setting(meta, k)}"
                    for k in keys if _setting(found, k) != _setting(meta, k)]
             if bad:
@@ -173,8 +179,9 @@ def check_existing(code_path: Path, codes_dir: Path, meta: dict) -> None:
                     f"refusing to add codes to {code_path}: {found_meta.parent.name} was extracted with other "
                     f"settings (one code path holds one tokenizer, image size and crop setting; use a new "
                     f"--code-path):\n  " + "\n  ".join(bad))
-    if codes_dir.is_dir() and read_meta(codes_dir) is None and len(npy_indices(codes_dir)) > 0:
-        raise ExtractError(f"refusing to add codes to {codes_dir}: it holds codes without {META_FILE}, so "
+    if target.is_dir() and read_meta(target) is None and (
+            len(npy_indices(target)) > 0 or finished_code_shards(target)):
+        raise ExtractError(f"refusing to add codes to {target}: it holds codes without {META_FILE}, so "
                            f"the tokenizer that made them cannot be checked; use a new --code-path")
 
 
@@ -193,6 +200,100 @@ def finished_indices(codes_dir: Path, labels_dir: Path) -> np.ndarray:
     return np.intersect1d(npy_indices(codes_dir), npy_indices(labels_dir))
 
 
+def chunks(indices: range | list[int], size: int) -> list[list[int]]:
+    """`indices` cut into consecutive lists of at most `size`."""
+    indices = list(indices)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the codes go: one image per file pair (official), or one shard per index range (packed)
+# ---------------------------------------------------------------------------------------------
+
+
+class PerImageFiles:
+    """The official layout: `<k>.npy` in the codes and the labels folder; an image is done once
+    both exist, so a rerun redoes at most the images a kill interrupted."""
+
+    def __init__(self, codes_dir: Path, labels_dir: Path):
+        self.codes_dir, self.labels_dir = codes_dir, labels_dir
+        self.folders = (codes_dir, labels_dir)
+
+    def plan(self, rank: int, world: int, num_images: int, batch_size: int) -> tuple[list[list[int]], int]:
+        """This rank's batches still to encode (k = rank, rank + W, ... as the official), and how
+        many of its images are already done."""
+        done = set(finished_indices(self.codes_dir, self.labels_dir).tolist())
+        mine = range(rank, num_images, world)
+        todo = [k for k in mine if k not in done]
+        return chunks(todo, batch_size), len(mine) - len(todo)
+
+    def add(self, indices: list[int], labels: list[int], codes: np.ndarray, skipped: list[int]) -> None:
+        for k, y, c in zip(indices, labels, codes):
+            # Code first, label last: an image counts as finished only once both exist.
+            save_npy(self.codes_dir / f"{k}.npy", c[None].astype(np.int64))  # (1, num_aug, N) int64
+            save_npy(self.labels_dir / f"{k}.npy", np.array([y], dtype=np.int64))  # (1,)
+
+    def present(self) -> tuple[int, list[int], list[dict]]:
+        """(images with codes, indices without codes, skipped images recorded in the files: none)."""
+        present = finished_indices(self.codes_dir, self.labels_dir)
+        return len(present), present.tolist(), []
+
+
+class PackedShards:
+    """The packed layout (`dataset/code_shards.py`): shard j holds images [j*s, (j+1)*s) and is
+    written once all of them are encoded or skipped, so a rerun redoes at most one shard per rank.
+    Rank r writes shards j = r, r + W, ...; a shard's content does not depend on W."""
+
+    def __init__(self, folder: Path, meta: dict, codebook_size: int):
+        self.folder, self.meta = folder, meta
+        self.folders = (folder,)
+        self.shard_size, self.num_images = meta["shard_size"], meta["num_images"]
+        self.dtype = code_dtype(codebook_size)
+        self.open: dict[int, dict] = {}
+
+    def plan(self, rank: int, world: int, num_images: int, batch_size: int) -> tuple[list[list[int]], int]:
+        done = finished_code_shards(self.folder)
+        mine = range(rank, num_shards(num_images, self.shard_size), world)
+        batches = [b for j in mine if j not in done
+                   for b in chunks(shard_range(j, self.shard_size, num_images), batch_size)]
+        already = sum(len(shard_range(j, self.shard_size, num_images)) for j in mine if j in done)
+        return batches, already
+
+    def add(self, indices: list[int], labels: list[int], codes: np.ndarray, skipped: list[tuple[int, str]]) -> None:
+        """Take one batch (all of one shard, as `plan` cuts them); write the shard once it is whole."""
+        first = indices[0] if indices else skipped[0][0]
+        j = first // self.shard_size
+        rng = shard_range(j, self.shard_size, self.num_images)
+        buf = self.open.setdefault(j, {"codes": [], "labels": [], "indices": [], "skipped": [], "seen": 0})
+        if indices:
+            buf["codes"].append(codes.astype(self.dtype))
+        buf["labels"].extend(labels)
+        buf["indices"].extend(indices)
+        buf["skipped"].extend({"index": i, "path": p} for i, p in skipped)
+        buf["seen"] += len(indices) + len(skipped)
+        if buf["seen"] == len(rng):
+            del self.open[j]
+            order = np.argsort(np.asarray(buf["indices"], dtype=np.int64), kind="stable")
+            codes_all = np.concatenate(buf["codes"])[order] if buf["codes"] else \
+                np.zeros((0, self.meta["num_aug"], self.meta["num_tokens"]), self.dtype)
+            settings = {**shard_settings(self.meta), "shard": j, "start": rng.start, "stop": rng.stop,
+                        "skipped": sorted(buf["skipped"], key=lambda d: d["index"])}
+            write_code_shard(self.folder, j, codes_all, np.asarray(buf["labels"], np.int64)[order],
+                             np.asarray(buf["indices"], np.int64)[order], settings)
+
+    def present(self) -> tuple[int, list[int], list[dict]]:
+        """(images with codes, indices of the shards not written, skipped images they record)."""
+        shards = finished_code_shards(self.folder)
+        count, skipped = 0, []
+        for path in shards.values():
+            settings = read_shard_settings(path)
+            count += settings["stop"] - settings["start"] - len(settings.get("skipped", []))
+            skipped.extend(settings.get("skipped", []))
+        missing = [k for j in range(num_shards(self.num_images, self.shard_size)) if j not in shards
+                   for k in shard_range(j, self.shard_size, self.num_images)]
+        return count, missing, skipped
+
+
 # ---------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------
@@ -200,15 +301,19 @@ def finished_indices(codes_dir: Path, labels_dir: Path) -> np.ndarray:
 
 def set_up(args: argparse.Namespace) -> tuple[DistInfo, logging.Logger]:
     """DDP, the official seed, a logger; flags that cannot work are refused before any work."""
+    if args.batch_size < 1:
+        raise ExtractError(f"--batch-size {args.batch_size} must be at least 1 (images per forward)")
+    if args.shard_size < 1:
+        raise ExtractError(f"--shard-size {args.shard_size} must be at least 1 (images per packed shard)")
+    if args.ten_crop and int(args.image_size * args.crop_range) < args.image_size:
+        raise ExtractError(f"--crop-range {args.crop_range} must be >= 1 (ten crops of size --image-size "
+                           f"are cut from an int(image_size * crop_range) centre crop)")
     dist_info = init_distributed(args.device)
     rank, world = dist_info.rank, dist_info.world_size
     torch.manual_seed(args.global_seed * world + rank)  # extraction draws nothing random; kept as official
     # --debug: every rank logs each file it writes (the official prints every index).
     logger = create_logger("extract_codes", None, 0 if args.debug else rank)
     logger.info(f"rank {rank} of {world} on {dist_info.device}")
-    if args.ten_crop and int(args.image_size * args.crop_range) < args.image_size:
-        raise ExtractError(f"--crop-range {args.crop_range} must be >= 1 (ten crops of size --image-size "
-                           f"are cut from an int(image_size * crop_range) centre crop)")
     return dist_info, logger
 
 
@@ -224,56 +329,64 @@ def open_data(args: argparse.Namespace) -> Dataset:
     return data
 
 
-def prepare_code_folders(args: argparse.Namespace, rank: int, meta: dict, class_to_idx: dict,
-                         logger: logging.Logger) -> tuple[Path, Path]:
+def prepare_output(args: argparse.Namespace, rank: int, meta: dict, class_to_idx: dict, codebook_size: int,
+                   logger: logging.Logger) -> PerImageFiles | PackedShards:
     """Check what the code path holds, then (rank 0) create the folders and record how these codes
-    are made; returns (codes folder, labels folder)."""
+    are made; returns where the codes go."""
     code_path = Path(args.code_path)
-    codes_dir, labels_dir = code_dirs(code_path, args.dataset, args.image_size)
-    check_existing(code_path, codes_dir, meta)  # every rank checks, so every rank stops together
+    if args.layout == "packed":
+        out = PackedShards(shards_dir(code_path, args.dataset, args.image_size), meta, codebook_size)
+    else:
+        out = PerImageFiles(*code_dirs(code_path, args.dataset, args.image_size))
+    home = out.folders[0]  # where codes_meta.json, class_to_idx.json and manifest.json live
+    check_existing(code_path, home, meta)  # every rank checks, so every rank stops together
     barrier()  # all ranks have checked the folder as it was before rank 0 writes to it
     if rank == 0:
-        codes_dir.mkdir(parents=True, exist_ok=True)
-        labels_dir.mkdir(parents=True, exist_ok=True)
-        (codes_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a manifest means: the last run finished
-        stale = remove_stale_temporaries(codes_dir, labels_dir)
+        for folder in out.folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        (home / MANIFEST_FILE).unlink(missing_ok=True)  # a manifest means: the last run finished
+        stale = remove_stale_temporaries(*out.folders)
         if stale:
             logger.info(f"removed {stale} unfinished temporary file(s) of an interrupted run")
-        save_json(codes_dir / META_FILE, meta)
-        write_class_index(codes_dir, class_to_idx)
+        save_json(home / META_FILE, meta)
+        write_class_index(home, class_to_idx)
     barrier()
-    return codes_dir, labels_dir
+    return out
 
 
-def encode_missing(args: argparse.Namespace, dist_info: DistInfo, vq: nn.Module, data: Dataset, codes_dir: Path,
-                   labels_dir: Path, logger: logging.Logger) -> tuple[int, list, int]:
-    """Encode this rank's images (k = rank, rank + W, ...) that are not finished yet; returns
-    (files written, skipped (index, path) pairs, images already there)."""
+def encode_missing(args: argparse.Namespace, dist_info: DistInfo, vq: nn.Module, data: Dataset,
+                   out: PerImageFiles | PackedShards, logger: logging.Logger) -> tuple[int, list, int]:
+    """Encode this rank's images that are not finished yet, `--batch-size` images per forward, while
+    DataLoader workers decode the next batches; returns (images written, skipped (index, path)
+    pairs, images already there)."""
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
-    done = set(finished_indices(codes_dir, labels_dir).tolist())
-    mine = [k for k in range(rank, len(data), world) if k not in done]
-    already = len(range(rank, len(data), world)) - len(mine)
-    logger.info(f"{len(data):,} images; {len(done):,} already extracted; rank {rank} encodes {len(mine):,}")
-    loader = DataLoader(Subset(data, mine), batch_size=1, shuffle=False, num_workers=args.num_workers,
-                        collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda")
+    batches, already = out.plan(rank, world, len(data), args.batch_size)
+    todo = sum(len(b) for b in batches)
+    logger.info(f"{len(data):,} images; rank {rank}: {already:,} already extracted, {todo:,} to encode "
+                f"in batches of {args.batch_size}")
+    loader = DataLoader(data, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate_skip_corrupt,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
     written, skipped = 0, []
-    for batch in progress(loader, enabled=rank == 0, total=len(mine), desc="extract", unit="img"):
-        skipped.extend(zip(batch["skipped_indices"], batch["skipped"]))
-        if "images" not in batch:
-            continue
-        k = int(batch["indices"][0])
-        codes = encode_image(vq, batch["images"][0].to(device, non_blocking=True), args.ten_crop,
-                             flip=not args.no_flip)
-        # Code first, label last: an image counts as finished only once both exist.
-        save_npy(codes_dir / f"{k}.npy", codes)  # (1, num_aug, N) int64
-        save_npy(labels_dir / f"{k}.npy", np.array([int(batch["labels"][0])], dtype=np.int64))  # (1,)
-        written += 1
+    bar = progress(total=todo, enabled=rank == 0, desc="extract", unit="img")
+    for batch in loader:
+        batch_skipped = list(zip(batch["skipped_indices"], batch["skipped"]))
+        skipped.extend(batch_skipped)
+        codes, indices, labels = np.zeros((0,)), [], []
+        if "images" in batch:
+            with torch.inference_mode():
+                codes = encode_images(vq, batch["images"].to(device, non_blocking=True), args.ten_crop,
+                                      flip=not args.no_flip)
+            indices, labels = batch["indices"].tolist(), batch["labels"].tolist()
+        out.add(indices, labels, codes, batch_skipped)
+        written += len(indices)
+        bar.update(len(indices) + len(batch_skipped))
         if args.debug:
-            logger.info(f"rank {rank}: wrote {k}")
+            logger.info(f"rank {rank}: encoded {indices}")
+    bar.close()
     return written, skipped, already
 
 
-def write_manifest(dist_info: DistInfo, meta: dict, num_images: int, codes_dir: Path, labels_dir: Path,
+def write_manifest(dist_info: DistInfo, meta: dict, num_images: int, out: PerImageFiles | PackedShards,
                    counts: tuple[int, list, int], logger: logging.Logger) -> dict:
     """Counts over ranks; rank 0 records the skipped images and writes the completion manifest."""
     written, skipped, already = counts
@@ -284,20 +397,28 @@ def write_manifest(dist_info: DistInfo, meta: dict, num_images: int, codes_dir: 
     barrier()
     manifest = None
     if dist_info.rank == 0:
-        present = finished_indices(codes_dir, labels_dir)
-        skipped_idx = {i for i, _ in skipped_list}
-        missing = sorted(set(range(num_images)) - set(present.tolist()) - skipped_idx)
-        meta["skipped"] = [{"index": i, "path": p} for i, p in skipped_list]
-        save_json(codes_dir / META_FILE, meta)
-        manifest = {"complete": not missing, "num_images": num_images, "codes_present": len(present),
-                    "written_this_run": written_all, "already_present": already_all,
+        home = out.folders[0]
+        present, missing_or_present, recorded = out.present()
+        if isinstance(out, PerImageFiles):  # files: the present indices; what is absent and not skipped is missing
+            skipped_idx = {i for i, _ in skipped_list}
+            missing = sorted(set(range(num_images)) - set(missing_or_present) - skipped_idx)
+            meta["skipped"] = [{"index": i, "path": p} for i, p in skipped_list]
+        else:  # shards record their own skipped images, over every run that wrote them
+            missing = missing_or_present
+            meta["skipped"] = sorted(recorded, key=lambda d: d["index"])
+        save_json(home / META_FILE, meta)
+        manifest = {"complete": not missing, "layout": meta["layout"], "num_images": num_images,
+                    "codes_present": present, "written_this_run": written_all, "already_present": already_all,
                     "skipped": meta["skipped"], "missing": missing, "world_size": dist_info.world_size}
-        save_json(codes_dir / MANIFEST_FILE, manifest)
-        logger.info(f"wrote {written_all:,} code files ({already_all:,} were already there); "
-                    f"{len(present):,} of {num_images:,} images have codes in {codes_dir}")
-        if skipped_all:
-            shown = "\n  ".join(p for _, p in skipped_list[:20])
-            logger.info(f"skipped {skipped_all} corrupt or unreadable image(s) (listed in {META_FILE}):\n  {shown}")
+        if isinstance(out, PackedShards):
+            manifest["shards"] = sorted(p.name for p in finished_code_shards(home).values())
+        save_json(home / MANIFEST_FILE, manifest)
+        logger.info(f"encoded {written_all:,} images ({already_all:,} were already there); "
+                    f"{present:,} of {num_images:,} images have codes in {home}")
+        if meta["skipped"]:
+            shown = "\n  ".join(d["path"] for d in meta["skipped"][:20])
+            logger.info(f"skipped {len(meta['skipped'])} corrupt or unreadable image(s) (listed in {META_FILE}):"
+                        f"\n  {shown}")
         else:
             logger.info("no corrupt or unreadable images")
     barrier()
@@ -315,11 +436,11 @@ def main(args: argparse.Namespace) -> dict:
     # Data, then the code folders (refused when they hold codes made another way) ---------------
     data = open_data(args)
     meta = extraction_meta(args, tok.identity, data, num_aug, tok.num_tokens)
-    codes_dir, labels_dir = prepare_code_folders(args, dist_info.rank, meta, data.class_to_idx, logger)
+    out = prepare_output(args, dist_info.rank, meta, data.class_to_idx, tok.codebook_size, logger)
 
     # Encode what is missing; report over ranks -------------------------------------------------
-    counts = encode_missing(args, dist_info, tok.model, data, codes_dir, labels_dir, logger)
-    manifest = write_manifest(dist_info, meta, len(data), codes_dir, labels_dir, counts, logger)
+    counts = encode_missing(args, dist_info, tok.model, data, out, logger)
+    manifest = write_manifest(dist_info, meta, len(data), out, counts, logger)
     cleanup()
     return manifest
 
@@ -336,7 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=str, default="imagenet", choices=list(IMAGE_DATASETS),
                    help="imagenet / folder: any class-folder tree; digits: the embedded demo set (train split)")
     p.add_argument("--code-path", type=str, required=True,
-                   help="output root; codes go to <code-path>/<dataset><image-size>_codes and _labels")
+                   help="output root; codes go to <code-path>/<dataset><image-size>_shards (packed) or "
+                        "_codes and _labels (--layout official)")
+    p.add_argument("--layout", type=str, default="packed", choices=["packed", "official"],
+                   help="packed: a few hundred memory-mapped shards (what our trainer reads fastest); official: "
+                        "two .npy files per image, as LlamaGen's extraction writes (for the official trainers)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="images per shard of the packed layout (resumable unit; fixed per code folder)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per encoder forward, each with all its views (the official extraction: 1)")
     p.add_argument("--image-size", type=int, default=256, help="image side in pixels (a multiple of the downsampling)")
     p.add_argument("--ten-crop", action="store_true",
                    help="encode the ten crops of an int(image_size * crop_range) centre crop (else crop + flip)")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Extract VQ codes of a class-folder data set in the official layout (torchrun DDP).
+# Extract VQ codes of a class-folder data set (torchrun DDP): packed shards by default, the official
+# per-image files with --layout official.
 #   bash scripts/autoregressive/extract_codes_c2i.sh --vq-ckpt pretrained_models/vq_ds16_c2i.pt \
 #        --data-path imagenet/train --code-path codes/imagenet_code_c2i_flip_ten_crop --ten-crop --crop-range 1.1 \
 #        --image-size 384
