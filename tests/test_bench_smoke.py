@@ -157,3 +157,22 @@ def test_bench_eval_runs():
     assert "tf: skipped" in r.stdout or "tf (" in r.stdout
     assert any(line.startswith("domain:digits_classifier") for line in r.stdout.splitlines())
     assert "at 50k" in r.stdout
+
+
+def test_bench_pack_runs_and_appends_its_table(tmp_path):
+    results = tmp_path / "R.md"
+    flags = ["--num-images", "40", "--image-size", "8", "--shard-size", "7", "--total", "38",
+             "--workdir", str(tmp_path), "--results", str(results)]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pack.py"), *flags], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["in-memory"],
+                                                                                                   ["streamed"])}
+    assert set(rows) == {"in-memory", "streamed"} and all(float(v[1]) > 0 for v in rows.values())
+    assert "outputs array-identical" in r.stdout
+    assert list(tmp_path.iterdir()) == [results]  # the shards and outputs are removed
+    text = results.read_text()
+    assert text.startswith("## ") and f"```sh\npython bench/bench_pack.py {' '.join(flags)}\n```" in text
+    assert "| streamed |" in text and "| in-memory |" in text
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pack.py"), "--shard-size", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "error: --shard-size must be >= 1" in r.stderr

@@ -1,7 +1,16 @@
-"""Strategy-independent sampling pieces: label plan, per-image seeds and streams, uint8, shards."""
+"""Strategy-independent sampling pieces: label plan, per-image seeds and streams, uint8, shards,
+and the streamed packing of shards into the ADM `.npz`."""
+import tracemalloc
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+import utils.npz_stream
+from evaluations.c2i.npz_io import batch_info, iter_images
+from utils.checkpoint import save_npz
 
 from autoregressive.decoding.row_rng import RowRNG, image_seeds
 from autoregressive.sample.common import sample_plan
@@ -73,3 +82,95 @@ def test_shard_folder_refuses_other_settings_and_names_them(tmp_path):
     claim_shard_folder(tmp_path / "s", {"cfg": 2.0, "seed": 0, "n": 20}, may_change=("n",))
     with pytest.raises(SettingsMismatch, match=r"\(cfg, seed\)"):
         claim_shard_folder(tmp_path / "s", {"cfg": 1.5, "seed": 1, "n": 20})
+
+
+def pack_in_memory(folder: Path, out_path: Path, total: int) -> Path:
+    """The packer before streaming, as the reference: every shard loaded, concatenated, saved."""
+    shards = finished_shards(folder)
+    images, labels, expected = [], [], 0
+    for start in sorted(shards):
+        if start != expected:
+            raise RuntimeError(f"sample shards in {folder} have a gap at index {expected}: rerun to finish")
+        with np.load(shards[start]) as f:
+            images.append(f["images"])
+            labels.append(f["labels"])
+        expected += len(labels[-1])
+    if expected < total:
+        raise RuntimeError(f"only {expected} of {total} samples are in {folder}: rerun to finish")
+    return save_npz(out_path, arr_0=np.concatenate(images)[:total], labels=np.concatenate(labels)[:total])
+
+
+def write_uneven_shards(folder: Path, sizes: list[int], hw: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random shards of `sizes` images each, in index order; returns all images and labels."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, size=(sum(sizes), hw, hw, 3), dtype=np.uint8)
+    labels = rng.integers(0, 1000, size=sum(sizes))  # int64, as the sampler's labels
+    start = 0
+    for n in sizes:
+        write_shard(folder, start, imgs[start:start + n], labels[start:start + n])
+        start += n
+    return imgs, labels
+
+
+def test_streamed_pack_equals_the_in_memory_packer(tmp_path):
+    imgs, labels = write_uneven_shards(tmp_path / "s", [7, 3, 11, 1, 9])  # 31 images
+    for total in (31, 26, 7, 0):  # all of them, the last shard cut, a shard boundary, none
+        new = pack_npz(tmp_path / "s", tmp_path / f"new{total}.npz", total)
+        old = pack_in_memory(tmp_path / "s", tmp_path / f"old{total}.npz", total)
+        with np.load(new) as a, np.load(old) as b:
+            assert a.files == b.files == ["arr_0", "labels"]
+            for k in a.files:
+                assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(a[k], b[k])
+            assert np.array_equal(a["arr_0"], imgs[:total]) and np.array_equal(a["labels"], labels[:total])
+        with zipfile.ZipFile(new) as z:
+            assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+        assert not list(tmp_path.glob(".new*.tmp"))  # atomic: no temporary file left
+    # the evaluator's reader (chunks straight from the zip member) sees the same images
+    info = batch_info(tmp_path / "new26.npz")
+    assert (info.num_images, info.height, info.width) == (26, 5, 5)
+    assert np.array_equal(np.concatenate(list(iter_images(tmp_path / "new26.npz", batch_size=4))), imgs[:26])
+
+
+def test_streamed_pack_keeps_the_errors(tmp_path):
+    write_uneven_shards(tmp_path, [4, 2])
+    with pytest.raises(RuntimeError, match="only 6 of 7 samples"):
+        pack_npz(tmp_path, tmp_path / "out.npz", total=7)
+    (tmp_path / "shard_00000004.npz").rename(tmp_path / "shard_00000005.npz")
+    with pytest.raises(RuntimeError, match="have a gap at index 4: rerun"):
+        pack_npz(tmp_path, tmp_path / "out.npz", total=4)  # gaps count even past `total`, as before
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_streamed_pack_writes_one_shard_at_a_time(tmp_path, monkeypatch):
+    sizes = [5, 8, 3] * 10  # 160 images, 30 shards of at most 8
+    write_uneven_shards(tmp_path / "s", sizes, hw=8)
+    largest = max(sizes) * 8 * 8 * 3
+    chunks = []
+    write = utils.npz_stream.ArrayStream.write
+
+    def spy(self, chunk):
+        chunks.append(np.asarray(chunk).nbytes)
+        return write(self, chunk)
+
+    monkeypatch.setattr(utils.npz_stream.ArrayStream, "write", spy)
+    pack_npz(tmp_path / "s", tmp_path / "out.npz", total=150)
+    assert len(chunks) == 29 and max(chunks) <= largest and sum(chunks) == 150 * 8 * 8 * 3
+
+
+def test_streamed_pack_peak_memory_does_not_grow_with_the_total(tmp_path):
+    """tracemalloc sees numpy's allocations: the in-memory packer's peak is the whole output (twice),
+    the streamed one's stays under one shard with 24 shards to pack (the shards are memory-mapped;
+    what it holds is Python objects, about 1 KiB a shard, and the labels)."""
+    write_uneven_shards(tmp_path / "s", [32] * 24, hw=64)  # 384 KiB a shard, 9 MiB in all
+    shard, whole = 32 * 64 * 64 * 3, 24 * 32 * 64 * 64 * 3
+
+    def peak(packer, out):
+        tracemalloc.start()
+        try:
+            packer(tmp_path / "s", tmp_path / out, 760)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak(pack_in_memory, "old.npz") > 1.5 * whole  # the measurement does see the arrays
+    assert peak(pack_npz, "new.npz") < shard

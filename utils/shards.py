@@ -4,12 +4,14 @@
   clamped and truncated to uint8, NHWC).
 - Shards: each rank writes its finished batches as atomic `.npz` shards named by their first global
   index; a rerun keeps the finished ones. `pack_npz` joins them in index order into the ADM `.npz`
-  (`arr_0` uint8 NHWC, plus `labels`), atomically, with the settings written beside it.
+  (`arr_0` uint8 NHWC, plus `labels`), atomically, streaming one shard at a time (`utils/npz_stream.py`),
+  with the settings written beside it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from utils.checkpoint import atomic_write, save_json, save_npz
 from utils.cli import UserError
+from utils.npz_stream import NpzWriter, npz_member_memmap
 
 
 def to_uint8(images: torch.Tensor, image_size_eval: int | None = None) -> np.ndarray:
@@ -52,22 +55,62 @@ def write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
         atomic_write(folder / f"{start + i:06d}.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
 
 
+def _shard_images(path: Path) -> np.ndarray:
+    """A shard's `images`, memory-mapped (shards are stored, as `np.savez` writes them); a compressed
+    shard from elsewhere is loaded whole, which is still one shard."""
+    try:
+        return npz_member_memmap(path, "images")
+    except ValueError:
+        with np.load(path) as f:
+            return f["images"]
+
+
 def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
-    """Join the shards covering indices [0, total) in order into the ADM `.npz` (arr_0, labels)."""
+    """Join the shards covering indices [0, total) in order into the ADM `.npz` (arr_0, labels).
+
+    Streamed, so that 50k images at 512 px (39 GB) never sit in memory: a first pass reads only the
+    shards' headers and small `labels` (gaps, counts, shapes), then `arr_0` is written shard by shard
+    (each memory-mapped, the last one cut at `total`) through `NpzWriter`, atomically. The result is
+    array-identical to `np.savez(out, arr_0=concat(images)[:total], labels=concat(labels)[:total])`."""
     shards = finished_shards(folder)
-    images, labels, expected = [], [], 0
+    paths, labels, dtypes, expected, frame = [], [], [], 0, None
     for start in sorted(shards):
         if start != expected:
             raise RuntimeError(f"sample shards in {folder} have a gap at index {expected}: rerun to finish")
         with np.load(shards[start]) as f:
-            images.append(f["images"])
-            labels.append(f["labels"])
+            labels.append(f["labels"])  # small; `images` is not read here
+        images = _shard_images(shards[start])
+        if len(images) != len(labels[-1]):
+            raise RuntimeError(f"{shards[start]}: {len(images)} images but {len(labels[-1])} labels")
+        if frame is not None and images.shape[1:] != frame:
+            raise RuntimeError(f"{shards[start]}: images of shape {images.shape[1:]}, the earlier shards' are {frame}")
+        frame = images.shape[1:]
+        dtypes.append(images.dtype)
+        paths.append(shards[start])
+        del images
         expected += len(labels[-1])
     if expected < total:
         raise RuntimeError(f"only {expected} of {total} samples are in {folder}: rerun to finish")
-    arr = np.concatenate(images)[:total]
+    if not paths:
+        raise RuntimeError(f"no sample shards in {folder}")
+    dtype = np.result_type(*dtypes)  # what np.concatenate of the shards gives
     lab = np.concatenate(labels)[:total]
-    return save_npz(out_path, arr_0=arr, labels=lab)
+
+    def write(f: BinaryIO) -> None:
+        with NpzWriter(f) as npz:
+            with npz.stream("arr_0", (total, *frame), dtype) as arr:
+                done = 0
+                for path in paths:
+                    if done == total:
+                        break
+                    images = _shard_images(path)
+                    take = min(len(images), total - done)
+                    arr.write(images[:take].astype(dtype, copy=False))
+                    done += take
+                    del images  # unmaps the shard before the next one is mapped
+            npz.add("labels", lab)
+
+    return atomic_write(out_path, write)
 
 
 class SettingsMismatch(UserError, RuntimeError):
