@@ -210,7 +210,8 @@ def test_a_third_kind_reaches_the_drivers_without_touching_them(tmp_path, monkey
             "--code-path", str(tmp_path / "codes"), "--num-workers", "0", "--device", "cpu", "--no-flip"]
     manifest = extract_codes_c2i.main(extract_codes_c2i.build_parser().parse_args(argv))
     assert manifest["complete"] and manifest["codes_present"] == 4
-    codes = np.load(tmp_path / "codes" / "folder32_codes" / "0.npy")
-    assert codes.shape == (1, 1, 64) and codes.max() < 8
-    meta = json.loads((tmp_path / "codes" / "folder32_codes" / "codes_meta.json").read_text())
+    from tests.extract_helpers import read_extracted
+    codes = read_extracted(tmp_path / "codes")[0][0]
+    assert codes.shape == (1, 64) and codes.max() < 8
+    meta = json.loads((tmp_path / "codes" / "folder32_shards" / "codes_meta.json").read_text())
     assert meta["tokenizer"] == registry.identity(model, "pool.pt") and meta["num_tokens"] == 64
