@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     base = {r["cache"]: r["samples_per_s"] for r in rows if r["layout"] == "per-image"}
-    lines = [f"| layout | cache | files | MB | open s | epoch s | samples/s | x per-image |",
+    lines = ["| layout | cache | files | MB | open s | epoch s | samples/s | x per-image |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['cache']} | {r['files']:,} | {r['bytes'] / 1e6:,.0f} | {r['open_s']:.2f} "

@@ -1,9 +1,11 @@
-"""Pre-extracted code indices for GPT training: the LlamaGen layout and the RandAR/ARPG archive layout.
+"""Pre-extracted code indices for GPT training, from any of three layouts.
 
-Two layouts are read, detected from what is on disk (`CodeDataset.layout` says which was found):
+The layout is detected from what is on disk (`CodeDataset.layout` says which was found):
 
-* `llamagen` (what `autoregressive/train/extract_codes_c2i.py` and the official extraction write,
-  LlamaGen's own `extract_codes_c2i.py`): `<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and
+* `packed` (what `autoregressive/train/extract_codes_c2i.py` writes by default; `dataset/code_shards.py`):
+  `<code-path>/<dataset><S>_shards/shard_<j>.npz`, codes memory-mapped, a batch read shard by shard.
+* `llamagen` (`--layout official`, and LlamaGen's own `extract_codes_c2i.py`):
+  `<code-path>/<dataset><S>_codes/<k>.npy` int64 (1, num_aug, N) and
   `<code-path>/<dataset><S>_labels/<k>.npy` int64 (1,), k = the image's index in the class-folder
   data set. Our extraction also writes `codes_meta.json` (tokenizer identity, image size, crop
   setting, class map, skipped images) and `class_to_idx.json` into the codes folder.
@@ -11,14 +13,17 @@ Two layouts are read, detected from what is on disk (`CodeDataset.layout` says w
   `INatLatentDataset` in hp-l33/ARPG `dataset/imagenet.py`): `<code-path>/<class id>/<name>.npy`
   of shape (num_aug, N), label = the folder name as an integer.
 
+Item i is the i-th image present in data set index order in every layout, and its view is drawn from
+(seed, epoch, i) alone, so the packed and per-image layouts of one extraction give the same batches.
+
 Differences from the official reader (`dataset/imagenet.py:CustomDataset`), on purpose:
 * the files actually present are used (the official hard-codes `0.npy .. 1281166.npy`), so corrupt
   images that extraction skipped leave gaps instead of crashes, and any data set size works;
 * a random view (flip / crop) is drawn for every item whenever num_aug > 1. Officially that happens
   only when the word "flip" is in the path; without it the official item stays (1, num_aug, N) and
   training silently runs on num_aug*N-long sequences;
-* every random draw comes from a `torch.Generator` seeded from (seed, epoch, index), so an item is
-  the same in any DataLoader worker and after a resume: call `set_epoch(epoch)` before each epoch.
+* every random draw is a counter-based hash of (seed, epoch, index) (`item_draws`), so an item is the
+  same in any DataLoader worker and after a resume: call `set_epoch(epoch)` before each epoch.
 
 Kept from the official reader: the `ten_crop/` -> `ten_crop_105/` sibling rule. When the codes folder
 path with `ten_crop/` replaced by `ten_crop_105/` exists (code paths `..._ten_crop` and
@@ -27,7 +32,6 @@ probability 0.5 (20 views per image in all), when the sibling holds that image.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
