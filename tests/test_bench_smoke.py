@@ -176,3 +176,20 @@ def test_bench_pack_runs_and_appends_its_table(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pack.py"), "--shard-size", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "error: --shard-size must be >= 1" in r.stderr
+
+
+def test_bench_codes_io_reads_both_layouts(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_codes_io.py"), "--num-images", "300", "--shard-size", "128",
+           "--batch-size", "32", "--num-workers", "0", "--num-tokens", "16", "--workdir", str(tmp_path / "w"),
+           "--results", str(results)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| per-image") or
+            line.startswith("| packed")]
+    assert [(c[0].strip(), c[1].strip()) for c in rows] == [("per-image", "cold"), ("packed", "cold"),
+                                                           ("per-image", "warm"), ("packed", "warm")]
+    assert [c[2].strip() for c in rows[:2]] == ["600", "3"]  # files: 2 per image vs 3 shards
+    assert all(float(c[6].replace(",", "")) > 0 for c in rows)
+    assert "training input, per-image files vs packed shards" in results.read_text()
+    assert list((tmp_path / "w").iterdir()) == []  # the codes it wrote are removed
