@@ -20,14 +20,17 @@ torchrun (what `scripts/tokenizer/reconstruction_vq.sh` runs), ImageNet val at 2
         reconstructions/<run>.npz
 
 Each rank writes finished batches as atomic shards (`<out>/shards/shard_<first index>.npz`); a rerun
-keeps them and does only the rest. Rank 0 then packs both `.npz` files atomically.
+keeps them and does only the rest. Rank 0 then packs both `.npz` files atomically, streamed from the
+memory-mapped shards (`pack`), so that memory holds about one shard however large the set.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 if __package__ in (None, ""):  # `python tokenizer/...py` / torchrun: the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,11 +45,12 @@ from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
 from tokenizer.metrics import OFFICIAL_SSIM_DATA_RANGE, psnr, ssim
 from tokenizer.registry import codebook, decode, encode, load_tokenizer, size_names
-from utils.checkpoint import file_sha256, save_npz
+from utils.checkpoint import atomic_write, file_sha256, save_npz
 from utils.cli import run_cli
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
-from utils.shards import claim_shard_folder, finished_shards, shard_path, to_uint8
+from utils.npz_stream import NpzWriter, npz_member_memmap
+from utils.shards import claim_shard_folder, finished_shards, shard_member, shard_path, to_uint8, write_rows
 
 #################################################################################
 #                                    Helpers                                    #
@@ -93,19 +97,65 @@ def image_metrics(recon: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     return p, s2, s1
 
 
-def pack(shard_dir: Path, total: int, skipped: int) -> dict[str, np.ndarray]:
-    """Join every shard in index order; check that only skipped (corrupt) images are missing."""
-    parts = {k: [] for k in ("recon", "ref", "index", "psnr", "ssim", "ssim_range1")}
-    for start, path in sorted(finished_shards(shard_dir).items()):
+#: the per-image members of a shard, small enough to hold for the whole set
+PER_IMAGE = ("index", "psnr", "ssim", "ssim_range1")
+
+
+def reference_permutation(n: int, seed: int) -> np.ndarray:
+    """The reference's shuffle: `torch.randperm(n)` from a generator seeded with --global-seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def pack(shard_dir: Path, total: int, skipped: int, recon_path: Path, ref_path: Path,
+         seed: int) -> dict[str, np.ndarray]:
+    """Write the reconstructions in index order (`recon_path`) and the reference shuffled with `seed`
+    (`ref_path`) as ADM `.npz` files (`arr_0`), atomically; return the per-image members in index order.
+
+    Streamed, so that 50k images at 512 px (39 GB an array) never sit in memory: a first pass reads only
+    the shards' per-image members and headers and checks that only skipped (corrupt) images are
+    missing, then each array is written in chunks of at most one shard's rows gathered from the
+    memory-mapped shards (`utils/shards.py:write_rows`). Array-identical to concatenating every shard,
+    sorting by index and `np.savez`."""
+    shards = finished_shards(shard_dir)
+    paths = [shards[start] for start in sorted(shards)]
+    parts = {k: [] for k in PER_IMAGE}
+    layout = {"recon": [], "ref": []}  # (shape, dtype) of each shard's images
+    for path in paths:
         with np.load(path) as f:
             for k in parts:
                 parts[k].append(f[k])
+        for k, shapes in layout.items():
+            images = shard_member(path, k)
+            shapes.append((images.shape, images.dtype))
+            del images  # only the header was read
+        n = len(parts["index"][-1])
+        if any(len(v[-1]) != n for v in parts.values()) or any(v[-1][0][0] != n for v in layout.values()):
+            raise RuntimeError(f"{path}: its members differ in length; remove it and rerun")
     out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     order = np.argsort(out["index"], kind="stable")
     out = {k: v[order] for k, v in out.items()}
     if len(out["index"]) + skipped != total or len(np.unique(out["index"])) != len(out["index"]):
         raise RuntimeError(f"{shard_dir}: {len(out['index'])} reconstructions + {skipped} skipped != {total} "
                            f"images; rerun to finish the missing shards")
+
+    arrays = {}  # name -> (shape, dtype) of the output: what np.concatenate of the shards gives
+    for name, shapes in layout.items():
+        frames = {shape[1:] for shape, _ in shapes}
+        if len(frames) > 1:
+            raise RuntimeError(f"{shard_dir}: shards hold {name} images of shapes {sorted(frames)}")
+        arrays[name] = (((len(order), *frames.pop()), np.result_type(*(d for _, d in shapes))) if shapes
+                        else ((0,), np.dtype(np.float64)))  # no shard at all: np.zeros(0), as before
+    lengths = [len(v) for v in parts["index"]]
+
+    def npz(name: str, positions: np.ndarray) -> Callable[[BinaryIO], None]:
+        def write(f: BinaryIO) -> None:
+            with NpzWriter(f) as z, z.stream("arr_0", *arrays[name]) as arr:
+                # one shard's worth of rows per write
+                write_rows(arr, paths, name, lengths, positions, chunk_rows=max(lengths, default=1))
+        return write
+
+    atomic_write(recon_path, npz("recon", order))
+    atomic_write(ref_path, npz("ref", order[reference_permutation(len(order), seed)]))
     return out
 
 
@@ -191,17 +241,16 @@ def main(args):
         for path in finished_shards(shard_dir).values():
             with np.load(path) as f:
                 skipped.extend(f["skipped"].tolist())
-        out = pack(shard_dir, n, len(skipped))
-        recon_path = save_npz(sample_dir / f"{folder_name}.npz", arr_0=out["recon"])
-        perm = torch.randperm(len(out["ref"]), generator=torch.Generator().manual_seed(args.global_seed)).numpy()
-        ref_path = save_npz(sample_dir / f"val_{args.dataset}-size-{args.image_size_eval}.npz",
-                            arr_0=out["ref"][perm])
+        recon_path = sample_dir / f"{folder_name}.npz"
+        ref_path = sample_dir / f"val_{args.dataset}-size-{args.image_size_eval}.npz"
+        out = pack(shard_dir, n, len(skipped), recon_path, ref_path, args.global_seed)
         result = (f"PSNR: {out['psnr'].mean():.6f}, SSIM: {out['ssim'].mean():.6f} (official data_range=2), "
                   f"SSIM: {out['ssim_range1'].mean():.6f} (data_range=1) over {len(out['psnr'])} images")
         print(result)
         (sample_dir / f"{folder_name}_results.txt").write_text(result + "\n")
         logger.info(SkipCounter(skipped).report())
-        logger.info(f"reconstructions {recon_path} {out['recon'].shape}; reference (shuffled) {ref_path}")
+        logger.info(f"reconstructions {recon_path} {npz_member_memmap(recon_path, 'arr_0').shape}; "
+                    f"reference (shuffled) {ref_path}")
     barrier()
     cleanup()
 

@@ -5,11 +5,13 @@
 - Shards: each rank writes its finished batches as atomic `.npz` shards named by their first global
   index; a rerun keeps the finished ones. `pack_npz` joins them in index order into the ADM `.npz`
   (`arr_0` uint8 NHWC, plus `labels`), atomically, streaming one shard at a time (`utils/npz_stream.py`),
-  with the settings written beside it.
+  with the settings written beside it; `write_rows` streams shard rows in any other order (the
+  reconstruction's outputs, sorted by index and shuffled).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from utils.checkpoint import atomic_write, save_json, save_npz
 from utils.cli import UserError
-from utils.npz_stream import NpzWriter, npz_member_memmap
+from utils.npz_stream import ArrayStream, NpzWriter, npz_member_memmap
 
 
 def to_uint8(images: torch.Tensor, image_size_eval: int | None = None) -> np.ndarray:
@@ -55,14 +57,44 @@ def write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
         atomic_write(folder / f"{start + i:06d}.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
 
 
-def _shard_images(path: Path) -> np.ndarray:
-    """A shard's `images`, memory-mapped (shards are stored, as `np.savez` writes them); a compressed
-    shard from elsewhere is loaded whole, which is still one shard."""
+def shard_member(path: Path, name: str) -> np.ndarray:
+    """Member `name` of a shard, memory-mapped (shards are stored, as `np.savez` writes them); a
+    compressed shard from elsewhere is loaded whole, which is still one shard."""
     try:
-        return npz_member_memmap(path, "images")
+        return npz_member_memmap(path, name)
     except ValueError:
         with np.load(path) as f:
-            return f["images"]
+            return f[name]
+
+
+def write_rows(stream: ArrayStream, paths: Sequence[Path], name: str, lengths: Sequence[int],
+               positions: np.ndarray, chunk_rows: int) -> None:
+    """Write rows `positions` of the concatenation of the shards' member `name` (shard i holding
+    `lengths[i]` rows), in that order, into `stream`, `chunk_rows` rows at a time.
+
+    For outputs in another order than the shards' (sorted by index, shuffled), without holding the
+    concatenation: each chunk is gathered shard by shard from the memory-mapped shards (a chunk's rows
+    may come from many), mapped and unmapped in turn, so memory holds one chunk. A contiguous run is
+    copied as a slice; scattered rows through one temporary of that shard's rows in the chunk."""
+    starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    positions = np.asarray(positions, dtype=np.int64)
+    chunk_rows = max(1, int(chunk_rows))
+    buf = np.empty((min(chunk_rows, len(positions)), *stream.shape[1:]), stream.dtype)
+    for a in range(0, len(positions), chunk_rows):
+        pos = positions[a:a + chunk_rows]
+        shard = np.searchsorted(starts, pos, side="right") - 1  # empty shards share a start: skipped
+        row = pos - starts[shard]
+        out = buf[:len(pos)]
+        by_shard = np.argsort(shard, kind="stable")  # each group's destinations stay ascending
+        for dst in np.split(by_shard, np.flatnonzero(np.diff(shard[by_shard])) + 1):
+            src = row[dst]
+            images = shard_member(paths[shard[dst[0]]], name)
+            if dst[-1] - dst[0] == len(dst) - 1 and np.all(np.diff(src) == 1):
+                out[dst[0]:dst[-1] + 1] = images[src[0]:src[-1] + 1]
+            else:
+                out[dst] = images[src]
+            del images  # unmaps the shard before the next one is mapped
+        stream.write(out)
 
 
 def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
@@ -79,7 +111,7 @@ def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
             raise RuntimeError(f"sample shards in {folder} have a gap at index {expected}: rerun to finish")
         with np.load(shards[start]) as f:
             labels.append(f["labels"])  # small; `images` is not read here
-        images = _shard_images(shards[start])
+        images = shard_member(shards[start], "images")
         if len(images) != len(labels[-1]):
             raise RuntimeError(f"{shards[start]}: {len(images)} images but {len(labels[-1])} labels")
         if frame is not None and images.shape[1:] != frame:
@@ -103,7 +135,7 @@ def pack_npz(folder: Path, out_path: Path, total: int) -> Path:
                 for path in paths:
                     if done == total:
                         break
-                    images = _shard_images(path)
+                    images = shard_member(path, "images")
                     take = min(len(images), total - done)
                     arr.write(images[:take].astype(dtype, copy=False))
                     done += take
