@@ -193,3 +193,21 @@ def test_bench_codes_io_reads_both_layouts(tmp_path):
     assert all(float(c[6].replace(",", "")) > 0 for c in rows)
     assert "training input, per-image files vs packed shards" in results.read_text()
     assert list((tmp_path / "w").iterdir()) == []  # the codes it wrote are removed
+def test_bench_extract_runs_and_appends(tmp_path):
+    """`bench/bench_extract.py` at the smallest size: batch 1 is always measured first, every batch
+    size's codes equal batch 1's, and `--results` appends a dated section with the command."""
+    results = tmp_path / "R.md"
+    results.write_text("# Results\n")
+    flags = ["--vq-model", "VQ-debug", "--codebook-size", "64", "--image-size", "32", "--num-images", "3",
+             "--batch-sizes", "2", "--results", str(results)]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_extract.py"), *flags], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if re.match(r"\| \d", line)]
+    assert [row[0].strip("| ") for row in rows] == ["1", "2"]
+    assert [row[1] for row in rows] == ["10", "20"]  # ten-crop views per forward
+    assert rows[0][4] == "1.00x" and all(row[5] == "0 of 1920" for row in rows)  # 3 images x 10 views x 64
+    assert "PIL transform excluded" in r.stdout and "smallest distance margin over all 1920 tokens" in r.stdout
+    text = results.read_text()
+    assert text.startswith("# Results\n\n## ") and "code extraction, batch 1 vs batch B" in text
+    assert f"```sh\n{shlex.join(['python', 'bench/bench_extract.py', *flags])}\n```" in text

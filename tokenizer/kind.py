@@ -53,6 +53,8 @@ class TokenizerKind(ABC):
     #: the tokenizer-training flags (argparse dests) that fix this kind's architecture; recorded in
     #: `config_key`, taken from the checkpoint on resume.
     arch_flags: tuple[str, ...] = ()
+    #: whether `encode_with_margins` gives each code's distance margin (a single nearest-code search).
+    has_margins: bool = False
 
     # -- building (tokenizer training, benchmarks) -----------------------------------------------
 
@@ -131,6 +133,13 @@ class TokenizerKind(ABC):
     def encode(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] -> codes (B, N) int64."""
         return model.encode_to_indices(images)
+
+    def encode_with_margins(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) in [-1, 1] -> (codes (B, N) int64 as `encode`, margins (B, N) float):
+        each code's second-smallest minus smallest codebook distance, in the quantiser's own
+        distance computation, i.e. how near the choice is to a tie. Only kinds with `has_margins`."""
+        raise NotImplementedError(f"code distance margins are not computed for {self.title} (only for kinds "
+                                  f"with a single nearest-code search, e.g. a LlamaGen VQ tokenizer)")
 
     def decode(self, model: nn.Module, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes (B, N) -> images (B, 3, S, S) in about [-1, 1]; `grid` = the last code grid (h, w)."""

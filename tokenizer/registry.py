@@ -3,8 +3,9 @@
 A new kind is one file in `tokenizer/kinds/` plus one line here. The drivers use `size_names()`
 as their `--vq-model` choices and `load_tokenizer` to load a checkpoint (the kind from a strategy's
 `tokenizer_kind`, from `--vq-model`, or found in the file); on whatever tokenizer they hold,
-`identity`, `codebook`, `code_length`, `encode`, `decode` and `check_codes` dispatch to its kind. Tokenizer
-training builds through `kind_of_size(...).build` and records `kind.config` under `kind.config_key`.
+`identity`, `codebook`, `code_length`, `encode` (and `encode_with_margins`), `decode` and
+`check_codes` dispatch to its kind. Tokenizer training builds through `kind_of_size(...).build` and
+records `kind.config` under `kind.config_key`.
 """
 from __future__ import annotations
 
@@ -140,6 +141,20 @@ def code_length(model: nn.Module, image_size: int) -> int:
 def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, S, S) in [-1, 1] -> codes (B, N) int64."""
     return kind_of_model(model).encode(model, images)
+
+
+def has_margins(model: nn.Module) -> bool:
+    """Whether `encode_with_margins` works for this tokenizer's kind (LlamaGen VQ: yes; VAR's
+    multi-scale VQ, which picks its codes scale by scale on residuals: no)."""
+    return kind_of_model(model).has_margins
+
+
+def encode_with_margins(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, S, S) in [-1, 1] -> (codes (B, N) int64, margins (B, N) float): with each code,
+    the second-smallest minus smallest codebook distance in the quantiser's own computation (how far
+    it is from a tie: a numerical difference smaller than that cannot change the code).
+    NotImplementedError for a kind without `has_margins`."""
+    return kind_of_model(model).encode_with_margins(model, images)
 
 
 def decode(model: nn.Module, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -179,14 +179,29 @@ class VectorQuantizer(nn.Module):
         )
         return d, torch.argmin(d, dim=1)
 
-    def forward(self, z: torch.Tensor):
-        """z (B,C,h,w) -> (quant (B,C,h,w), (vq_loss, commit_loss, entropy_loss, usage), (None, None, idx))."""
+    def distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (B,C,h,w) -> (z channel-last and l2-normalised (B,h,w,C), the codebook as used,
+        distances (B*h*w, n_e), argmin indices (B*h*w,)): the forward's nearest-code search."""
         z = z.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C)
         if self.l2_norm:
             z = F.normalize(z, p=2, dim=-1)
-        z_flat = z.reshape(-1, self.e_dim)
         embedding = self.codebook()
-        d, idx = self.nearest(z_flat, embedding)
+        d, idx = self.nearest(z.reshape(-1, self.e_dim), embedding)
+        return z, embedding, d, idx
+
+    def indices_and_margins(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B,C,h,w) -> (indices (B*h*w,), margins (B*h*w,)): each position's code, as the forward
+        picks it, and its second-smallest minus smallest distance in the forward's own distances (how
+        far the choice is from a tie; a float difference below it cannot change the code)."""
+        _, _, d, idx = self.distances(z)
+        if d.shape[1] < 2:  # a one-code codebook: no second choice
+            return idx, torch.full(idx.shape, float("inf"), dtype=d.dtype, device=d.device)
+        two = torch.topk(d, 2, dim=1, largest=False).values
+        return idx, two[:, 1] - two[:, 0]
+
+    def forward(self, z: torch.Tensor):
+        """z (B,C,h,w) -> (quant (B,C,h,w), (vq_loss, commit_loss, entropy_loss, usage), (None, None, idx))."""
+        z, embedding, d, idx = self.distances(z)
         z_q = embedding[idx].view(z.shape)
         vq_loss = commit_loss = entropy_loss = None
         usage = 0
@@ -238,9 +253,13 @@ class VQModel(nn.Module):
     def downsample(self) -> int:
         return self.config.downsample
 
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B,3,H,W) in [-1,1] -> the pre-quantisation latent (B, codebook_embed_dim, h, w)."""
+        return self.quant_conv(self.encoder(x))
+
     def encode(self, x: torch.Tensor):
         """Image (B,3,H,W) in [-1,1] -> (quant, losses, (None, None, idx flattened (B*h*w,)))."""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        return self.quantize(self.latent(x))
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quant))
@@ -259,6 +278,13 @@ class VQModel(nn.Module):
         """Image (B,3,H,W) in [-1,1] -> code indices (B, H/f * W/f), raster order."""
         idx = self.encode(x)[2][2]
         return idx.reshape(x.shape[0], -1)
+
+    @torch.no_grad()
+    def encode_to_indices_and_margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B,3,H,W) in [-1,1] -> (code indices (B, h*w) as `encode_to_indices`, distance
+        margins (B, h*w) float32: second-smallest minus smallest squared distance to the codebook)."""
+        idx, margin = self.quantize.indices_and_margins(self.latent(x))
+        return idx.reshape(x.shape[0], -1), margin.reshape(x.shape[0], -1)
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ class LlamaGenVQ(TokenizerKind):
     sizes = VQ_models
     config_key = "vq_config"
     arch_flags = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm")
+    has_margins = True
 
     def build(self, size: str, *, codebook_size: int, codebook_embed_dim: int, image_size: int,
               patch_nums: PatchNums = None, codebook_l2_norm: bool = True, dropout: float = 0.0,
@@ -72,3 +73,7 @@ class LlamaGenVQ(TokenizerKind):
 
     def code_length(self, model: VQModel, image_size: int) -> int:
         return (image_size // model.downsample) ** 2
+
+    def encode_with_margins(self, model: VQModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`VQModel.encode_to_indices_and_margins`: margins over the l2-normalised latent and codebook."""
+        return model.encode_to_indices_and_margins(images)
