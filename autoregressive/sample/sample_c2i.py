@@ -25,7 +25,9 @@ from autoregressive.strategies import parse_driver_args
 from utils.cli import run_cli
 from autoregressive.decoding.row_rng import image_seeds
 from utils.shards import to_uint8
+from utils.attention_kernels import record_attention_kernels
 from utils.distributed import init_distributed
+from utils.memory import peak_memory_text
 
 
 def make_grid(images_uint8, nrow: int, pad: int = 2):
@@ -53,8 +55,13 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     labels = torch.tensor(args.classes, dtype=torch.long).repeat_interleave(args.per_class)
     seeds = image_seeds(args.global_seed, torch.arange(len(labels)))
     t0 = time.perf_counter()
-    images = sampler.images(labels, seeds)
+    with record_attention_kernels() as kernels:
+        images = sampler.images(labels, seeds)
     seconds = time.perf_counter() - t0
+    print(f"attention kernels: {kernels.summary()}")
+    for call in kernels.math_on_cuda:
+        print(f"warning: the math attention kernel runs on CUDA ({call.describe()}): it materialises the "
+              f"attention matrix", file=sys.stderr)
     nrow = args.per_class if args.per_class > 1 else len(labels)
     grid = make_grid(to_uint8(images, args.image_size_eval), nrow=nrow)
     out = Path(args.out)
@@ -63,7 +70,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     path = sampler.strategy.runner.name
     note = "" if path == "eager" else ", including compiling and capturing the steps"
     print(f"{len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, decode path {path}{note}); "
-          f"grid saved to {out}")
+          f"{peak_memory_text(device)}; grid saved to {out}")
     return out
 
 

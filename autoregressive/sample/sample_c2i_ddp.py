@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -30,10 +31,12 @@ import torch
 from autoregressive.decoding.row_rng import image_seeds
 from autoregressive.sample.common import add_sampling_args, check_sampling_flags, load_sampler, sample_plan
 from autoregressive.strategies import parse_driver_args
+from utils.attention_kernels import record_attention_kernels
 from utils.checkpoint import file_sha256, save_json
 from utils.cli import run_cli
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
+from utils.memory import peak_memory_text
 from utils.shards import (SettingsMismatch, check_shard_folder, claim_shard_folder, finished_shards, pack_npz,
                           to_uint8, write_pngs, write_shard)
 
@@ -119,9 +122,12 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
 
     # Sample ---------------------------------------------------------------------------------
     t0, made = time.perf_counter(), 0
-    for b in progress(mine, enabled=rank == 0, desc="sample", unit="batch"):
+    for i, b in enumerate(progress(mine, enabled=rank == 0, desc="sample", unit="batch")):
         lo, hi = b * bs, min((b + 1) * bs, total)
-        images = sampler.images(labels[lo:hi], seeds[lo:hi])
+        with record_attention_kernels() if i == 0 else nullcontext() as kernels:
+            images = sampler.images(labels[lo:hi], seeds[lo:hi])
+        if i == 0:
+            kernels.log(logger, "first sampling batch")
         images = to_uint8(images, args.image_size_eval)
         if args.save_png:  # before the shard: a finished shard always has its PNGs
             write_pngs(Path(args.sample_dir) / f"{name}_png", lo, images)
@@ -130,7 +136,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     if device.type == "cuda":
         torch.cuda.synchronize()
     if made:
-        logger.info(f"rank 0: {made} images in {time.perf_counter() - t0:.1f} s")
+        logger.info(f"rank 0: {made} images in {time.perf_counter() - t0:.1f} s; {peak_memory_text(device)}")
     barrier()
 
     # Pack -------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import run_cli
 from utils.distributed import all_reduce_mean, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.ema import make_ema, update_ema
+from utils.attention_kernels import record_attention_kernels
 from utils.logger import create_logger, progress
+from utils.memory import peak_memory_bytes
 from utils.parallel import (PARALLEL_MODES, clip_grad_norm, gradient_sync, is_sharded, load_optimizer_state,
                             model_state_dict, optimizer_state_dict, wrap_model)
 from utils.training import (LR_SCHEDULES, MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
@@ -228,6 +230,18 @@ def build_state(args: argparse.Namespace, strategy, ckpt: dict | None, path: Pat
     return TrainState(model, raw_model, ema, optimizer, scaler, guard, steps, data_pos)
 
 
+def report_attention(state: TrainState, args: argparse.Namespace, strategy, data: CodeDataset,
+                     device: torch.device, logger) -> None:
+    """Log which attention kernel the training forward runs (one forward of the uncompiled model on
+    two items, every rank: FSDP gathers its weights); the RNG streams are left as they were."""
+    codes, labels = (torch.stack(x).to(device) for x in zip(*data.__getitems__(list(range(min(2, len(data)))))))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        with autocast_context(device, args.mixed_precision), record_attention_kernels() as kernels:
+            strategy.training_loss(state.raw_model, codes, labels,
+                                   generator=step_generator(args.global_seed, 0, 0, device))
+    kernels.log(logger, "training forward")
+
+
 def lr_setter(args: argparse.Namespace, strategy, steps_per_epoch: int):
     """The driver's learning-rate schedule as a function of the data position, or None when the
     rate stays constant or the strategy sets it itself (NPP --scheduler, VAR --wpe)."""
@@ -338,6 +352,7 @@ def train_loop(state: TrainState, args: argparse.Namespace, strategy, data: Code
                                             "train/grad_norm": float(grad_norm),
                                             "train/nonfinite_steps": state.guard.total,
                                             "train/epoch": state.data_pos / steps_per_epoch,
+                                            "train/peak_mem_gib": peak_memory_bytes(device) / 2**30,
                                             **{f"train/{k}": v for k, v in stage_metrics.items()}})
                 bar.set_postfix(loss=f"{avg:.4f}")
                 running_loss.zero_()
@@ -398,6 +413,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     # Model, EMA, optimizer, loop ------------------------------------------------------------
     state = build_state(args, strategy, ckpt, resume_path, world, rank, device, logger)
     del ckpt
+    report_attention(state, args, strategy, data, device, logger)
     train_loop(state, args, strategy, data, micro_batch, run_dir, rank, world, device, logger)
     logger.info(f"done: {state.steps} steps, {state.guard.total} non-finite step(s) skipped")
     cleanup()
