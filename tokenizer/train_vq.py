@@ -57,6 +57,7 @@ from utils.distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrie
                                is_main_process)
 from utils.ema import make_ema, requires_grad, update_ema
 from utils.logger import create_logger, progress
+from utils.memory import peak_memory_bytes
 from utils.cli import run_cli
 from utils.run import flag_name, given_flags, resume_point, run_folder, take_from_checkpoint
 from utils.training import (NonFiniteGuard, ResumableDistributedSampler, autocast_context, gather_rng_states,
@@ -525,6 +526,7 @@ def log_row(run: Run, meter: Meter, usage: CodeUsage, steps: int) -> None:
     """Loss terms, usage and speed (averaged over ranks) to the log and `metrics.jsonl`."""
     args = run.args
     row = meter.row(args.global_batch_size, usage.window_fraction())
+    row["peak_mem_gib"] = peak_memory_bytes(run.info.device) / 2**30
     text = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
     run.logger.info(f"(step={steps:07d}) {text}")
     if run.info.rank == 0:
