@@ -19,15 +19,27 @@ graph bakes in the addresses of everything it touched. The runner therefore refu
 and copies every tensor argument into the graph's static buffer before each replay. Sampling
 (CFG, temperature, top-k/top-p, per-image streams) stays outside the graph, on the device
 without host synchronisation (`autoregressive/decoding/logits.py`, `row_rng.py`).
+
+`auto` on CUDA wraps the compiled path in a `FallbackRunner`: a batch whose fast path raises
+(compilation, capture, replay) is decoded again eagerly and the run goes on eagerly, with one
+warning; an explicitly chosen fast path raises as usual.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.nn as nn
 
 from autoregressive.models.kv_cache import KVCache
+from utils import attention_kernels
+from utils.cli import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The `--decode-path` choices; `auto` is `compiled` on CUDA and `eager` elsewhere.
 DECODE_PATHS = ("auto", "eager", "cuda-graphs", "compiled")
@@ -65,6 +77,17 @@ class StepRunner:
 
     def reset(self) -> None:
         """Drop every persistent cache and captured graph (e.g. before measuring a new model)."""
+
+    def run(self, batch: Callable[[], T], *, counted: bool = True) -> T:
+        """Decode one whole batch: `batch()` is one `generate` / `edit` call through this runner.
+        Here just the call; `FallbackRunner` decodes the batch again eagerly when its fast path fails
+        (`counted`: whether that batch counts in its summary)."""
+        return batch()
+
+    @property
+    def fallback(self) -> "FastPathFallback | None":
+        """What fell back to the eager loop so far; None: nothing (always, on the plain paths)."""
+        return None
 
 
 class _CapturedStep:
@@ -151,7 +174,10 @@ class GraphedSteps(StepRunner):
         key = (ident, tuple(_arg_key(a) for a in args))
         step = self._steps.get(key)
         if step is None:
-            step = self._capture(self._compiled_fn(ident, fn), args)
+            if attention_kernels.recording():
+                fn(*args)  # one eager step, so the attention kernel report sees the real calls
+            with attention_kernels.suspended():  # compiled and captured code never holds the recorder
+                step = self._capture(self._compiled_fn(ident, fn), args)
             self._steps[key] = step
         return step.replay(args)
 
@@ -188,14 +214,137 @@ class GraphedSteps(StepRunner):
         return _CapturedStep(fn, graph, static, output)
 
 
+@dataclass
+class FastPathFallback:
+    """A run's (or its ranks') fallback from the fast path to the eager loop, for its summary."""
+
+    first_error: str  # "<exception type>: <its message>", on one line
+    batches: int = 0  # batches decoded eagerly because of it (the failed one included)
+    ranks: int = 1
+
+    def __str__(self) -> str:
+        where = f" on {self.ranks} ranks" if self.ranks > 1 else ""
+        return f"fast path fell back to eager{where}: {self.batches} batch(es), first error: {self.first_error}"
+
+    @staticmethod
+    def merge(fallbacks: Iterable["FastPathFallback | None"]) -> "FastPathFallback | None":
+        """The fallbacks of several ranks as one (None: no rank fell back); the first error is the
+        lowest rank's."""
+        seen = [f for f in fallbacks if f is not None]
+        if not seen:
+            return None
+        return FastPathFallback(seen[0].first_error, sum(f.batches for f in seen), sum(f.ranks for f in seen))
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+    """`<type>: <message>` on one line, at most `limit` characters (compiler errors run long)."""
+    message = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class FallbackRunner(StepRunner):
+    """`--decode-path auto` on CUDA: the fast path, and the eager loop for the rest of the run once
+    the fast path has raised.
+
+    A step that fails (compiling, capturing, replaying, or allocating the fast path's caches) leaves
+    its batch half decoded, so the fallback works on whole batches (`run`): the failed batch is
+    decoded again eagerly from the start, its per-image streams restarting from their seeds (so it
+    gets the eager path's tokens), and every later batch, of any shape, runs eagerly; a failing
+    fast path is not retried (its graphs and caches are freed). The first error is logged once as
+    a warning and kept in `fallback` for the run's summary.
+    """
+
+    def __init__(self, fast: GraphedSteps) -> None:
+        super().__init__()
+        self.fast = fast
+        self._fallback: FastPathFallback | None = None
+        self._error: Exception | None = None  # what the fast path raised during the current batch
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.fast.name if self._fallback is None else f"eager (fell back from {self.fast.name})"
+
+    @property
+    def captures(self) -> int:
+        return self.fast.captures
+
+    @property
+    def fallback(self) -> FastPathFallback | None:
+        return self._fallback
+
+    def cache(self, model: nn.Module, rows: int, max_len: int | None = None) -> KVCache:
+        if self._fallback is not None:
+            return model.new_cache(rows, max_len=max_len)
+        return self._on_fast_path(self.fast.cache, model, rows, max_len)
+
+    def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        self._count(args)
+        if self._fallback is not None:
+            return fn(*args)
+        return self._on_fast_path(self.fast, fn, *args)
+
+    def _on_fast_path(self, call: Callable[..., T], *args: Any) -> T:
+        try:
+            return call(*args)
+        except Exception as e:  # noted for `run`, which tells the fast path's failures from others
+            self._error = e
+            raise
+
+    def reset(self) -> None:
+        self.fast.reset()
+
+    def run(self, batch: Callable[[], T], *, counted: bool = True) -> T:
+        """`batch()` on the fast path; if the fast path raised, `batch()` again on the eager loop
+        (an error the fast path did not raise propagates: the eager loop would raise it too)."""
+        if self._fallback is None:
+            self._error = None
+            try:
+                return batch()
+            except Exception:
+                if self._error is None:
+                    raise
+                error, self._error = describe_error(self._error), None  # no traceback keeps tensors
+            self._fall_back(error)
+        result = batch()
+        if counted:
+            self._fallback.batches += 1
+        return result
+
+    def _fall_back(self, error: str) -> None:
+        self._fallback = FastPathFallback(error)
+        self.fast.reset()  # its graphs, memory pool and persistent caches, for the eager loop
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        path = "compiled" if self.fast.compile else "cuda-graphs"
+        log.warning(f"the fast decode path ({self.fast.name}) failed: {error}; the batch is decoded again and "
+                    f"the run goes on with the eager loop (--decode-path eager skips the fast path, "
+                    f"--decode-path {path} stops at the error with its traceback)")
+
+
+class FastPathMismatch(UserError, RuntimeError):
+    """`--verify-fast-path`: the fast path's greedy tokens are not the eager loop's."""
+
+
+def check_same_tokens(fast: torch.Tensor, eager: torch.Tensor, path: str, note: str = "") -> None:
+    """Refuse (`FastPathMismatch`, naming how many tokens differ) unless the fast path `path` gave
+    the eager loop's tokens; `note` is appended to the message."""
+    differ = int((fast != eager).sum()) if fast.shape == eager.shape else eager.numel()
+    if differ:
+        raise FastPathMismatch(f"--verify-fast-path: the {path} decode path gives other tokens than the eager loop "
+                               f"on the first batch ({differ} of {eager.numel()} greedy tokens differ); rerun with "
+                               f"--decode-path eager{note}")
+
+
 def make_runner(path: str, device: torch.device | str) -> StepRunner:
-    """The runner of a `--decode-path` on `device`: `auto` is `compiled` on CUDA, `eager` elsewhere;
-    the graph paths need CUDA."""
+    """The runner of a `--decode-path` on `device`: `auto` is `compiled` on CUDA (falling back to
+    eager if it fails: `FallbackRunner`), `eager` elsewhere; the graph paths need CUDA."""
     device = torch.device(device)
     if path not in DECODE_PATHS:
         raise ValueError(f"unknown decode path {path!r}; known: {', '.join(DECODE_PATHS)}")
     if path == "auto":
-        path = "compiled" if device.type == "cuda" else "eager"
+        return FallbackRunner(GraphedSteps(compile=True)) if device.type == "cuda" else StepRunner()
     if path == "eager":
         return StepRunner()
     if device.type != "cuda":

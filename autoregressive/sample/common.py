@@ -6,11 +6,12 @@ what they do with the images; model loading, flag names and the generate-then-de
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from autoregressive.decoding.fast_decode import DECODE_PATHS, make_runner
+from autoregressive.decoding.fast_decode import DECODE_PATHS, StepRunner, check_same_tokens, make_runner
 from autoregressive.decoding.logits import check_cfg_scale
 from autoregressive.decoding.orders import add_schedule_arguments
 from autoregressive.decoding.row_rng import RowRNG, image_seeds
@@ -39,7 +40,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-path", type=str, default="auto", choices=DECODE_PATHS,
                    help="eager: the reference loop; cuda-graphs: persistent KV caches and one CUDA graph per "
                         "step shape; compiled: the same over torch.compile'd steps, and the tokenizer decodes "
-                        "in bf16 channels_last; auto: compiled on CUDA, eager on CPU")
+                        "in bf16 channels_last; auto: compiled on CUDA (a batch whose fast path fails is "
+                        "decoded again eagerly and the run goes on eagerly, with a warning), eager on CPU")
+    g.add_argument("--verify-fast-path", action="store_true",
+                   help="decode the first batch greedily on the fast path and on the eager loop and stop "
+                        "unless the tokens are identical (nothing to compare on the eager path)")
     g.add_argument("--vq-model", type=str, default="VQ-16", choices=size_names(), help="tokenizer size")
     g.add_argument("--vq-ckpt", type=str, required=True, help="tokenizer checkpoint")
     g.add_argument("--codebook-size", type=int, default=16384, help="tokenizer codebook size")
@@ -75,12 +80,24 @@ def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[tor
 
 @dataclass
 class Sampler:
-    """A loaded GPT + tokenizer pair and the strategy that decodes with them."""
+    """A loaded GPT + tokenizer pair and the strategy that decodes with them.
+
+    Every batch runs through `strategy.runner.run`, so under `--decode-path auto` a batch whose fast
+    path fails is decoded again eagerly (`runner.fallback` then says so for the run's summary)."""
 
     strategy: Strategy
     gpt: torch.nn.Module
     vq: torch.nn.Module
     args: argparse.Namespace
+    #: where the `--verify-fast-path` lines go (the DDP sampler: its rank-0 logger)
+    log: Callable[[str], None] = print
+    #: the tokenizer decodes in bf16 for the whole run when it started on a fast path (a fallback
+    #: to the eager loop changes the GPT's steps, not the tokenizer's precision)
+    bf16_decode: bool = field(init=False)
+    verified: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.bf16_decode = self.strategy.runner.name != "eager"
 
     @property
     def grid(self) -> int:
@@ -88,21 +105,53 @@ class Sampler:
 
     @torch.no_grad()
     def images(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """Class labels (B,) and per-image seeds (B,) -> decoded images (B,3,S,S) in about [-1,1]."""
+        """Class labels (B,) and per-image seeds (B,) -> decoded images (B,3,S,S) in about [-1,1].
+        With `--verify-fast-path`, the first call checks the fast path on its labels first."""
         a = self.args
         device = next(self.gpt.parameters()).device
-        rng = RowRNG(seeds.to(device))
-        generation = self.strategy.generate_for_decoding(
-            self.gpt, labels.to(device), cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval,
-            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, steps=a.steps, generator=rng)
+        labels, seeds = labels.to(device), seeds.to(device)
+        kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, top_k=a.top_k, top_p=a.top_p, steps=a.steps)
+        if getattr(a, "verify_fast_path", False) and not self.verified:
+            self.verify_fast_path(lambda: self.strategy.generate(self.gpt, labels, temperature=0.0,
+                                                                 generator=RowRNG(seeds), **kw))
+        # a fresh RowRNG per attempt: a batch decoded again restarts every image's stream from its seed
+        generation = self.strategy.runner.run(lambda: self.strategy.generate_for_decoding(
+            self.gpt, labels, temperature=a.temperature, generator=RowRNG(seeds), **kw))
         return self.decode(generation)
+
+    @torch.no_grad()
+    def verify_fast_path(self, greedy: Callable[[], torch.Tensor]) -> None:
+        """`--verify-fast-path`: `greedy()` (one greedy batch through `strategy.runner`) on the fast
+        path and on the eager loop must give the same token ids, else `FastPathMismatch`. Nothing to
+        compare on the eager path, or once `auto` has fallen back to it."""
+        self.verified = True
+        runner = self.strategy.runner
+        if runner.name == "eager":
+            self.log("--verify-fast-path: the decode path is eager, the reference itself; nothing to compare")
+            return
+        fast = runner.run(greedy, counted=False)  # under auto, a failing fast path falls back here
+        if runner.fallback is not None:
+            self.log("--verify-fast-path: the fast path failed on the first batch and the run goes on eagerly; "
+                     "nothing to compare")
+            return
+        self.strategy.runner = StepRunner()
+        try:
+            eager = greedy()
+        finally:
+            self.strategy.runner = runner
+        dtype = next(self.gpt.parameters()).dtype
+        note = (f" (the GPT runs in {str(dtype).removeprefix('torch.')}, where a near tie between two tokens can "
+                f"round either way on the two paths)" if dtype != torch.float32 else "")
+        check_same_tokens(fast, eager, runner.name, note)
+        self.log(f"fast path verified on the first batch: tokens identical ({runner.name} and eager, "
+                 f"{eager.numel()} greedy tokens)")
 
     def decode(self, generation: Generation | torch.Tensor) -> torch.Tensor:
         """A generation (or bare token ids) -> images (B,3,S,S) float32; in bf16 autocast on the
         fast CUDA paths."""
         if isinstance(generation, torch.Tensor):
             generation = Generation(generation)
-        fast = self.strategy.runner.name != "eager" and generation.tokens.device.type == "cuda"
+        fast = self.bf16_decode and generation.tokens.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
             return self.strategy.decode_generation(self.vq, generation, self.grid).float()
 

@@ -129,10 +129,16 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     codes = sampler.vq.encode_to_indices(x)  # (1, N)
     k = args.num_samples
     labels = torch.full((k,), args.class_id, dtype=torch.long, device=device)
-    rng = RowRNG(image_seeds(args.global_seed, torch.arange(k)).to(device))
-    tokens = sampler.strategy.edit(sampler.gpt, labels, codes.repeat(k, 1), ~regen.reshape(-1).to(device),
-                                   cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, steps=args.steps, generator=rng)
+    seeds = image_seeds(args.global_seed, torch.arange(k)).to(device)
+
+    def edit(temperature: float) -> torch.Tensor:  # a fresh stream per image each time: a rerun repeats it
+        return sampler.strategy.edit(sampler.gpt, labels, codes.repeat(k, 1), ~regen.reshape(-1).to(device),
+                                     cfg_scale=args.cfg_scale, temperature=temperature, top_k=args.top_k,
+                                     top_p=args.top_p, steps=args.steps, generator=RowRNG(seeds))
+
+    if args.verify_fast_path:
+        sampler.verify_fast_path(lambda: edit(0.0))
+    tokens = sampler.strategy.runner.run(lambda: edit(args.temperature))
     results = sampler.decode(tokens)  # (K, 3, S, S)
 
     shown = x.clone()
@@ -143,6 +149,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(row, nrow=len(row)).save(out)
     print(f"regenerated {int(regen.sum())} of {grid * grid} tokens for class {args.class_id}; saved {out}")
+    if sampler.strategy.runner.fallback is not None:
+        print(sampler.strategy.runner.fallback)
     return out
 
 

@@ -67,10 +67,13 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
-    path = sampler.strategy.runner.name
-    note = "" if path == "eager" else ", including compiling and capturing the steps"
-    print(f"{len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, decode path {path}{note}); "
-          f"{peak_memory_text(device)}; grid saved to {out}")
+    runner = sampler.strategy.runner
+    note = ("" if runner.name == "eager" else ", including the failed fast path" if runner.fallback is not None
+            else ", including compiling and capturing the steps")
+    print(f"{len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, decode path "
+          f"{runner.name}{note}); {peak_memory_text(device)}; grid saved to {out}")
+    if runner.fallback is not None:
+        print(runner.fallback)
     return out
 
 

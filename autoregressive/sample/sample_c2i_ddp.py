@@ -11,7 +11,8 @@ Image i has class `i % num_classes` (50 per class by default; `--labels random` 
 official driver does, from the seed) and a seed derived from `--global-seed` and i, so the images do
 not depend on the number of ranks. Finished batches are written as atomic shards; a rerun keeps
 them. Rank 0 packs `<sample-dir>/<name>.npz` (`arr_0` uint8 NHWC, `labels`) and writes
-`<name>.json` with every setting and the checkpoints' SHA-256.
+`<name>.json` with every setting and the checkpoints' SHA-256, and `fast_path_fallback`: null, or
+how many batches `--decode-path auto` decoded eagerly after its fast path failed, and the first error.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -28,13 +30,14 @@ if __package__ in (None, ""):
 
 import torch
 
+from autoregressive.decoding.fast_decode import FastPathFallback
 from autoregressive.decoding.row_rng import image_seeds
 from autoregressive.sample.common import add_sampling_args, check_sampling_flags, load_sampler, sample_plan
 from autoregressive.strategies import parse_driver_args
 from utils.attention_kernels import record_attention_kernels
 from utils.checkpoint import file_sha256, save_json
 from utils.cli import run_cli
-from utils.distributed import barrier, cleanup, init_distributed
+from utils.distributed import all_gather_object, barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
 from utils.memory import peak_memory_text
 from utils.shards import (SettingsMismatch, check_shard_folder, claim_shard_folder, finished_shards, pack_npz,
@@ -63,7 +66,7 @@ def labels_and_seeds(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tens
 
 #: flags that do not change the images: a sample folder resumes whatever they are (a moved
 #: folder or checkpoint file included; the checkpoints' SHA-256 stand for their contents).
-NOT_IMAGE_SETTINGS = ("device", "sample_dir", "gpt_ckpt", "vq_ckpt", "from_fsdp", "save_png")
+NOT_IMAGE_SETTINGS = ("device", "sample_dir", "gpt_ckpt", "vq_ckpt", "from_fsdp", "save_png", "verify_fast_path")
 #: settings a rerun may change: more images, or the batch layout when no shard exists yet.
 MAY_CHANGE = ("num_fid_samples", "per_proc_batch_size")
 
@@ -109,6 +112,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
         claim_shard_folder(folder, settings, may_change=MAY_CHANGE)
     barrier()
     logger = create_logger("sample", folder if rank == 0 else None, rank)
+    sampler.log = logger.info
 
     # Plan -------------------------------------------------------------------------------------
     labels, seeds = labels_and_seeds(args)
@@ -137,13 +141,16 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
         torch.cuda.synchronize()
     if made:
         logger.info(f"rank 0: {made} images in {time.perf_counter() - t0:.1f} s; {peak_memory_text(device)}")
+    fallback = FastPathFallback.merge(all_gather_object(sampler.strategy.runner.fallback))
+    if fallback is not None:
+        logger.warning(str(fallback))
     barrier()
 
     # Pack -------------------------------------------------------------------------------------
     out = Path(args.sample_dir) / f"{name}.npz"
     if rank == 0:
         pack_npz(folder, out, total)
-        save_json(out.with_suffix(".json"), settings)
+        save_json(out.with_suffix(".json"), {**settings, "fast_path_fallback": asdict(fallback) if fallback else None})
         logger.info(f"wrote {out} ({total} images, {args.image_size_eval}x{args.image_size_eval})")
     barrier()
     cleanup()
