@@ -66,6 +66,7 @@ from autoregressive.decoding.row_rng import RowRNG, image_seeds  # noqa: E402
 from autoregressive.sample.common import add_sampling_args  # noqa: E402
 from autoregressive.strategies import STRATEGIES, get_strategy  # noqa: E402
 from tokenizer.registry import get_kind  # noqa: E402
+from utils.attention_kernels import record_attention_kernels  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 
@@ -83,13 +84,13 @@ class Case:
 
 
 CASES = [
-    Case("raster", "raster", {"L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"}),
-    Case("raster-naive", "raster", {"L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"}),
-    Case("par-4x", "par", {"L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"},
+    Case("raster", "raster", {"XL": "GPT-XL", "L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"}),
+    Case("raster-naive", "raster", {"XL": "GPT-XL", "L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"}),
+    Case("par-4x", "par", {"XL": "GPT-XL", "L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"},
          {"spe_token_num": 3, "ar_token_num": 4}),
-    Case("par-16x", "par", {"L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"},
+    Case("par-16x", "par", {"XL": "GPT-XL", "L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"},
          {"spe_token_num": 15, "ar_token_num": 16}),
-    Case("npp", "npp", {"L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"}),
+    Case("npp", "npp", {"XL": "GPT-XL", "L": "GPT-L", "B": "GPT-B", "debug": "GPT-debug"}),
     Case("arpg-32", "arpg", {"L": "ARPG-L", "debug": "ARPG-debug"}, steps=32),
     Case("arpg-64", "arpg", {"L": "ARPG-L", "debug": "ARPG-debug"}, steps=64),
     Case("lpd-20", "lpd", {"L": "LPD-L", "debug": "LPD-debug"}, steps=20),
@@ -294,6 +295,19 @@ def timed(strategy, run, path: str, batch: int, args: argparse.Namespace, device
     return result
 
 
+def kernel_report(strategy, run, args: argparse.Namespace, device: torch.device) -> str:
+    """The attention kernels of one eager generate call at batch 2 (`utils/attention_kernels.py`)."""
+    strategy.runner = make_runner("eager", device)
+    labels = torch.arange(2, device=device) % args.num_classes
+    try:
+        with torch.no_grad(), record_attention_kernels() as kernels:
+            run(labels, RowRNG(image_seeds(0, torch.arange(2)).to(device)))
+    finally:
+        release(strategy, device)
+    warn = [c.describe() for c in kernels.math_on_cuda]
+    return kernels.summary() + (f"  WARNING: math kernel on CUDA for {', '.join(warn)}" if warn else "")
+
+
 def largest_batch(probe: Callable[[int], dict | None], batch: int, result: dict,
                   max_batch: int) -> tuple[int, dict]:
     """Double `batch` (which ran, giving `result`) while `probe(batch)` fits and stays within
@@ -407,6 +421,8 @@ def bench_case(case: Case, args: argparse.Namespace, device: torch.device, paths
         return []
     strategy, model, run, steps = built
     w_bytes, model_name = weight_bytes(model), case.sizes[args.size]
+    if args.kernel_report:
+        print(f"{case.label:14s}  attention kernels: {kernel_report(strategy, run, args, device)}")
     naive = case.label == "raster-naive"
     rows = []
 
@@ -490,7 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows to measure (raster first: the others are compared with it)")
     p.add_argument("--decode-paths", nargs="+", default=["eager", "auto"], choices=DECODE_PATHS,
                    help="decoding paths to measure each case under (auto: compiled on CUDA, eager on CPU)")
-    p.add_argument("--size", default="L", choices=["L", "B", "debug"], help="size class of every model")
+    p.add_argument("--size", default="L", choices=["XL", "L", "B", "debug"],
+                   help="size class of every model (XL: the GPT-XL cases only, e.g. PAR-XL-4x)")
+    p.add_argument("--kernel-report", action="store_true",
+                   help="per case, the attention kernel PyTorch runs for the model's real calls (eager, batch 2)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--find-max-batch", action="store_true",
                    help="CUDA: also find and report the largest batch that fits, per case and path")

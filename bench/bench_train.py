@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
           f"(linear-in-length estimate {training_flops_fraction(schedule):.3f}x)")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     parser.add_argument("--gpt-model", choices=list(GPT_SIZES), default="GPT-B")
@@ -186,4 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (recompiles per patch size)")
     parser.add_argument("--check-flops", action="store_true",
                         help="check the analytic matmul FLOPs against torch's FlopCounterMode first")
-    run_cli(main, parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser().parse_args())

@@ -3,6 +3,7 @@
 A benchmark is not a test; this only checks the script still starts, times both modes and checks
 channels_last against eager.
 """
+import os
 import re
 import shlex
 import subprocess
@@ -211,3 +212,47 @@ def test_bench_extract_runs_and_appends(tmp_path):
     text = results.read_text()
     assert text.startswith("# Results\n\n## ") and "code extraction, batch 1 vs batch B" in text
     assert f"```sh\n{shlex.join(['python', 'bench/bench_extract.py', *flags])}\n```" in text
+
+
+def test_gpu_check_without_a_gpu_prints_its_plan_and_every_command_parses():
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr
+    assert "no CUDA device here; nothing was run" in r.stdout
+    commands = [shlex.split(line) for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert len(commands) == 5
+    import bench.bench_sample as bench_sample
+    import bench.bench_train as bench_train
+    parsers = {"bench/bench_sample.py": bench_sample.build_parser(), "bench/bench_train.py": bench_train.build_parser()}
+    for cmd in commands:
+        if cmd[1] == "-m":  # the GPU-only tests
+            assert all((ROOT / f).is_file() for f in cmd if f.startswith("tests/"))
+            continue
+        args = parsers[cmd[1]].parse_args(cmd[2:])  # every flag exists and takes its value
+        assert args.device == "cuda"
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("gpu_check.sh: error: unknown argument --bogus")
+
+
+def test_gpu_check_appends_one_dated_section_with_the_device(tmp_path):
+    """The GPU branch, run with a stand-in python that reports a GPU and echoes each step."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then\n'
+                    '  case "$2" in *get_device_properties*) echo "Fake GPU 80GB, 80 GiB";; esac; exit 0\nfi\n'
+                    'printf "ran %s\\r 50%%|#####     |\\n" "$*"\nexit 0\n')
+    fake.chmod(0o755)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n")
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--results", str(results)], capture_output=True,
+                       text=True, cwd=ROOT, env={**os.environ, "PYTHON": str(fake)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = results.read_text()
+    assert text.count("\n## ") == 1 and "GPU check on Fake GPU 80GB, 80 GiB" in text and "0 step(s) failed" in text
+    assert text.count("exit status 0") == 5 and "ran bench/bench_sample.py --device cuda --size XL" in text
+    assert "50%|" not in text  # progress bars are dropped
+
+
+def test_bench_sample_kernel_report():
+    out = run_bench_sample("--cases", "raster", "--kernel-report", "--decode-paths", "eager")
+    line = next(x for x in out.splitlines() if "attention kernels:" in x)
+    assert line.startswith("raster") and "(head dim 32, float32, bool mask, cpu) x" in line
