@@ -7,7 +7,20 @@ import zipfile
 import numpy as np
 import pytest
 
-from utils.npz_stream import NpzWriter, npz_member_memmap
+from utils.npz_stream import ArrayStream, NpzWriter, npz_member_memmap
+
+
+def record_stream_chunks(monkeypatch) -> list[int]:
+    """The bytes of every chunk streamed into an `.npz` member from now on (for the packers' tests)."""
+    chunks: list[int] = []
+    write = ArrayStream.write
+
+    def spy(self, chunk):
+        chunks.append(np.asarray(chunk).nbytes)
+        return write(self, chunk)
+
+    monkeypatch.setattr(ArrayStream, "write", spy)
+    return chunks
 
 
 def test_streamed_npz_reads_as_savez(tmp_path):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import utils.npz_stream
 from dataset.digits import DigitsDataset
 from tokenizer.loading import build_vq
 from tokenizer.metrics import psnr, ssim
 from tokenizer.reconstruction_vq_ddp import PER_IMAGE, get_parser, main, pack
+from tests.test_npz_stream import record_stream_chunks
 from tokenizer.vq_model import config_dict
 from utils.checkpoint import save_checkpoint, save_npz
 from utils.shards import finished_shards, shard_path
@@ -203,14 +203,7 @@ def test_streamed_pack_writes_at_most_one_shard_of_rows_at_a_time(tmp_path, monk
     n, size = 150, 8
     largest = write_rank_shards(tmp_path / "s", n, 9, 4, SKIP, size=size, shuffle_rows=(3, 10))
     row = size * size * 3
-    chunks = []
-    write = utils.npz_stream.ArrayStream.write
-
-    def spy(self, chunk):
-        chunks.append(np.asarray(chunk).nbytes)
-        return write(self, chunk)
-
-    monkeypatch.setattr(utils.npz_stream.ArrayStream, "write", spy)
+    chunks = record_stream_chunks(monkeypatch)
     pack(tmp_path / "s", n, len(SKIP), tmp_path / "recon.npz", tmp_path / "ref.npz", 0)
     count = n - len(SKIP)
     assert max(chunks) <= largest * row and sum(chunks) == 2 * count * row

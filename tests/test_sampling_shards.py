@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import utils.npz_stream
+from bench.bench_pack import pack_npz_in_memory
 from evaluations.c2i.npz_io import batch_info, iter_images
-from utils.checkpoint import save_npz
 
 from autoregressive.decoding.row_rng import RowRNG, image_seeds
 from autoregressive.sample.common import sample_plan
+from tests.test_npz_stream import record_stream_chunks
 from utils.shards import SettingsMismatch, claim_shard_folder, finished_shards, pack_npz, to_uint8, write_shard
 
 
@@ -84,22 +84,6 @@ def test_shard_folder_refuses_other_settings_and_names_them(tmp_path):
         claim_shard_folder(tmp_path / "s", {"cfg": 1.5, "seed": 1, "n": 20})
 
 
-def pack_in_memory(folder: Path, out_path: Path, total: int) -> Path:
-    """The packer before streaming, as the reference: every shard loaded, concatenated, saved."""
-    shards = finished_shards(folder)
-    images, labels, expected = [], [], 0
-    for start in sorted(shards):
-        if start != expected:
-            raise RuntimeError(f"sample shards in {folder} have a gap at index {expected}: rerun to finish")
-        with np.load(shards[start]) as f:
-            images.append(f["images"])
-            labels.append(f["labels"])
-        expected += len(labels[-1])
-    if expected < total:
-        raise RuntimeError(f"only {expected} of {total} samples are in {folder}: rerun to finish")
-    return save_npz(out_path, arr_0=np.concatenate(images)[:total], labels=np.concatenate(labels)[:total])
-
-
 def write_uneven_shards(folder: Path, sizes: list[int], hw: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random shards of `sizes` images each, in index order; returns all images and labels."""
     rng = np.random.default_rng(seed)
@@ -116,7 +100,7 @@ def test_streamed_pack_equals_the_in_memory_packer(tmp_path):
     imgs, labels = write_uneven_shards(tmp_path / "s", [7, 3, 11, 1, 9])  # 31 images
     for total in (31, 26, 7, 0):  # all of them, the last shard cut, a shard boundary, none
         new = pack_npz(tmp_path / "s", tmp_path / f"new{total}.npz", total)
-        old = pack_in_memory(tmp_path / "s", tmp_path / f"old{total}.npz", total)
+        old = pack_npz_in_memory(tmp_path / "s", tmp_path / f"old{total}.npz", total)
         with np.load(new) as a, np.load(old) as b:
             assert a.files == b.files == ["arr_0", "labels"]
             for k in a.files:
@@ -145,14 +129,7 @@ def test_streamed_pack_writes_one_shard_at_a_time(tmp_path, monkeypatch):
     sizes = [5, 8, 3] * 10  # 160 images, 30 shards of at most 8
     write_uneven_shards(tmp_path / "s", sizes, hw=8)
     largest = max(sizes) * 8 * 8 * 3
-    chunks = []
-    write = utils.npz_stream.ArrayStream.write
-
-    def spy(self, chunk):
-        chunks.append(np.asarray(chunk).nbytes)
-        return write(self, chunk)
-
-    monkeypatch.setattr(utils.npz_stream.ArrayStream, "write", spy)
+    chunks = record_stream_chunks(monkeypatch)
     pack_npz(tmp_path / "s", tmp_path / "out.npz", total=150)
     assert len(chunks) == 29 and max(chunks) <= largest and sum(chunks) == 150 * 8 * 8 * 3
 
