@@ -149,5 +149,5 @@ def test_streamed_pack_peak_memory_does_not_grow_with_the_total(tmp_path):
         finally:
             tracemalloc.stop()
 
-    assert peak(pack_in_memory, "old.npz") > 1.5 * whole  # the measurement does see the arrays
+    assert peak(pack_npz_in_memory, "old.npz") > 1.5 * whole  # the measurement does see the arrays
     assert peak(pack_npz, "new.npz") < shard

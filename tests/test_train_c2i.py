@@ -186,3 +186,25 @@ def test_a_model_that_cannot_be_built_is_refused_before_the_run_folder(tmp_path)
     res = run(train_cmd(codes, tmp_path / "results", "--max-steps", "1", "--gpt-model", "ARPG-debug"))
     assert res.returncode != 0 and "unknown --gpt-model 'ARPG-debug'" in res.stderr
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_ddp_and_fsdp_start_from_the_same_weights_on_one_and_two_ranks(tmp_path):
+    """From scratch, the first weights are a function of --global-seed alone: DDP and FSDP on 1 and
+    2 gloo ranks agree. One step at --lr 0 leaves the weights at their initial values (AdamW's
+    decoupled decay is lr x wd), so the step-1 checkpoint shows them."""
+    codes = write_codes(tmp_path / "codes")
+    common = ("--epochs", "1", "--max-steps", "1", "--lr", "0", "--global-seed", "5", "--mixed-precision", "none")
+    weights = {}
+    for mode, nproc in (("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)):
+        results = tmp_path / f"{mode}{nproc}"
+        cmd = train_cmd(codes, results, *common, "--data-parallel", mode, nproc=nproc)
+        if nproc == 1 and mode == "fsdp":  # FSDP needs a process group: one torchrun rank
+            cmd = [*torchrun(1), *cmd[1:]]
+        res = run(cmd)
+        assert res.returncode == 0, res.stderr[-3000:]
+        weights[f"{mode} x{nproc}"] = load_checkpoint(next(results.iterdir()) / "checkpoints" / "0000001.pt")["model"]
+    ref = weights.pop("ddp x1")
+    for name, state in weights.items():
+        assert set(state) == set(ref), name
+        for k in ref:
+            assert torch.equal(state[k], ref[k]), (name, k)

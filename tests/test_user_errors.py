@@ -90,6 +90,8 @@ CASES = [
     ("train-vocabulary", TRAIN + ["--vocab-size", "32"], "32"),
     ("train-tokenizer-checkpoint", TRAIN + ["--gpt-ckpt", "{w}/vq.pt"], "--gpt-ckpt"),
     ("train-zero-log-every", TRAIN + ["--log-every", "0"], "--log-every"),
+    ("train-estimate-zero-steps", TRAIN + ["--estimate", "--estimate-steps", "0"], "--estimate-steps"),
+    ("train-estimate-resume", TRAIN + ["--estimate", "--resume", "{w}/gpt-run"], "--estimate plans a new run"),
     # large-scale sampling
     ("sample-negative-cfg", SAMPLE + ["--cfg-scale", "-1"], "cfg_scale"),
     ("sample-zero-samples", SAMPLE + ["--num-fid-samples", "0"], "--num-fid-samples"),
@@ -126,6 +128,7 @@ CASES = [
     ("vq-resume-and-ckpt", VQTRAIN + ["--resume", "{w}/vq-results", "--vq-ckpt", "{w}/vq.pt"], "--resume"),
     ("vq-resume-a-gpt-run", VQTRAIN + ["--resume", "{w}/gpt-run"], "train_c2i.py"),
     ("vq-finetune-without-ckpt", VQTRAIN + ["--finetune"], "--finetune"),
+    ("vq-estimate-zero-steps", VQTRAIN + ["--estimate", "--estimate-steps", "0"], "--estimate-steps"),
     ("extract-missing-tokenizer", [a.replace("{w}/vq.pt", "{w}/missing-vq.pt") for a in EXTRACT], "missing-vq.pt"),
     ("extract-image-size", EXTRACT + ["--image-size", "18"], "--image-size 18"),
     ("extract-codebook", EXTRACT + ["--codebook-size", "512"], "--codebook-size"),

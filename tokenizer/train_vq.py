@@ -15,6 +15,8 @@ kind in `tokenizer/registry.py`, and its checkpoints load with `tokenizer.regist
 Resume the last complete checkpoint of a run folder (same data order, same weights as a run that
 was never interrupted):
     bash scripts/tokenizer/train_vq.sh ... --resume results_tokenizer_image/000-VQ-16
+Plan a run first (one process; times real steps, projects the wall time on 1-64 GPUs, writes nothing):
+    python tokenizer/train_vq.py --data-path /data/imagenet/train --image-size 256 --vq-model VQ-16 --estimate
 
 Per step: a generator update (reconstruction + LPIPS + GAN + codebook terms, `tokenizer/losses.py`)
 then a discriminator update on the same reconstructions, each with its own Adam and grad clipping.
@@ -59,6 +61,7 @@ from utils.ema import make_ema, requires_grad, update_ema
 from utils.logger import create_logger, progress
 from utils.memory import peak_memory_bytes
 from utils.cli import run_cli
+from utils.planner import Phase, Plan, one_process, run_plan
 from utils.run import flag_name, given_flags, resume_point, run_folder, take_from_checkpoint
 from utils.training import (NonFiniteGuard, ResumableDistributedSampler, autocast_context, gather_rng_states,
                             make_adamw, make_grad_scaler, set_rng_state)
@@ -573,14 +576,18 @@ def save(run: Run, models: Models, opt: Optimizers, guard: NonFiniteGuard, pos: 
     barrier()
 
 
+def total_steps_of(args: argparse.Namespace, batches_per_epoch: int) -> int:
+    """The optimizer steps of the whole run: `--epochs` epochs, or `--max-steps` when fewer."""
+    total = args.epochs * batches_per_epoch
+    return min(total, args.max_steps) if args.max_steps is not None else total
+
+
 def train(run: Run, models: Models, opt: Optimizers, guard: NonFiniteGuard, dataset: AugmentedImages,
           sampler: ResumableDistributedSampler, pos: Position) -> SkipCounter:
     """The loop, from `pos` to the last step, with logging and checkpoints; returns this rank's
     corrupt-file count."""
     args, info = run.args, run.info
-    total_steps = args.epochs * sampler.batches_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = total_steps_of(args, sampler.batches_per_epoch)
     skips, meter = SkipCounter(), Meter()
     bar = progress(total=total_steps, initial=pos.steps, enabled=info.is_main, desc="train_vq")
     last_saved = pos.steps if run.ckpt_path is not None and not args.finetune else -1
@@ -635,9 +642,96 @@ def report(run: Run, skips: SkipCounter, usage: CodeUsage, steps: int) -> None:
 #################################################################################
 
 
+def estimate(args: argparse.Namespace) -> None:
+    """`--estimate`: build the tokenizer, discriminator, losses, optimizers and data loader as a new
+    run would, time real steps before and after `--disc-start` (the discriminator's forward joins
+    the generator step there) in this process and print the run plan (`utils/planner.py`); writes
+    nothing (except LPIPS weights that --download-perceptual is asked to fetch)."""
+    if args.estimate_steps < 1:
+        raise ValueError(f"--estimate-steps must be >= 1, got {args.estimate_steps}")
+    if args.resume or args.vq_ckpt:
+        raise ValueError("--estimate plans a new run: drop --resume / --vq-ckpt (give the architecture "
+                         "flags instead; the weights do not change the timing)")
+    with one_process(args.device, process_group=False):
+        info, batch_size = set_up(args)
+        run = Run(args, info, batch_size, create_logger("train_vq.estimate", None, 0))  # console only
+        perceptual = build_perceptual(args, run.logger)
+        if args.vq_model not in size_names():
+            raise ValueError(f"unknown --vq-model {args.vq_model}")
+        models = build_models(run, None, perceptual)
+        opt = build_optimizers(run, models)
+        dataset, sampler = build_data(run)
+        torch.manual_seed(args.global_seed)  # main's per-rank seed on one rank
+        if models.ema is not None:
+            update_ema(models.ema, models.raw, decay=0.0)
+        wrap(run, models)
+        guard, pos, device = NonFiniteGuard(), Position(), info.device
+
+        def images():  # the run's loader from its first batch on, epoch after epoch
+            at = Position()
+            while True:
+                for batch in epoch_loader(run, dataset, sampler, at):
+                    if "images" in batch:
+                        yield batch["images"]
+                at.epoch += 1
+
+        stream = images()
+        first = next(stream)
+
+        def one_step(x: torch.Tensor, with_disc: bool) -> int:
+            step = max(pos.steps + 1, args.disc_start) if with_disc else min(pos.steps + 1, args.disc_start - 1)
+            x = x.to(device, non_blocking=True)
+            if train_step(run, models, opt, guard, x, step) is None:
+                return 0
+            pos.steps += 1
+            track_codes(run, models, opt, pos.steps)
+            return models.usage._idx.numel()  # the codes of this batch (every scale for MSVQ)
+
+        def run_steps(with_disc: bool):
+            def count(gpus: int) -> int:
+                if args.global_batch_size % gpus:
+                    raise ValueError(f"global batch does not divide over {gpus} GPUs")
+                share = args.global_batch_size // gpus  # what build_data's sampler takes on each of `gpus` ranks
+                total = total_steps_of(args, ResumableDistributedSampler(len(dataset), 0, gpus, share).batches_per_epoch)
+                before = min(total, max(args.disc_start - 1, 0))  # steps 1 .. disc_start - 1
+                return total - before if with_disc else before
+            return count
+
+        def after_oom() -> None:
+            opt.optimizer.zero_grad(set_to_none=True)
+            opt.optimizer_disc.zero_grad(set_to_none=True)
+            opt.scaler = make_grad_scaler(device, args.mixed_precision)
+            opt.scaler_disc = make_grad_scaler(device, args.mixed_precision)
+
+        phases = [Phase(name, (lambda d=with_disc: one_step(next(stream), d)), run_steps(with_disc),
+                        try_micro_batch=(lambda k, d=with_disc: one_step(
+                            first.repeat(-(-k // len(first)), 1, 1, 1)[:k], d)))
+                  for name, with_disc in ((f"before --disc-start {args.disc_start}", False),
+                                          ("discriminator on", True))]
+        spe = sampler.batches_per_epoch
+        total = total_steps_of(args, spe)
+        summary = (f"{args.epochs} epochs x {spe:,} steps per epoch at global batch {args.global_batch_size} "
+                   f"({len(dataset):,} images) = {args.epochs * spe:,} steps")
+        if total < args.epochs * spe:
+            summary += f"; --max-steps {args.max_steps}: {total:,} steps"
+        precision = args.mixed_precision if device.type == "cuda" else "float32: CPU runs ignore --mixed-precision"
+        plan = Plan(title=f"{args.vq_model} tokenizer, {args.image_size} px, codebook {args.codebook_size}",
+                    parameters={"tokenizer": sum(p.numel() for p in models.raw.parameters()),
+                                "discriminator": sum(p.numel() for p in models.discriminator.parameters())},
+                    phases=phases, global_batch=args.global_batch_size, micro_batch=batch_size, accumulation=1,
+                    can_accumulate=False, device=device, precision=precision, warmup=2 if args.compile else 1,
+                    run_summary=summary, after_oom=after_oom,
+                    notes=["train_vq.py has no gradient accumulation: on G GPUs each takes global batch / G "
+                           "images per step; tokens are the codes of each image"])
+        run_plan(plan, args.estimate_steps)
+
+
 def main(args: argparse.Namespace, given: Container[str] | None = None) -> None:
-    """Train; `given` names the flags the user gave (None: those that differ from their defaults)."""
+    """Train (or with --estimate plan the run); `given` names the flags the user gave (None: those
+    that differ from their defaults)."""
     given = given_flags(get_parser(), args=args) if given is None else given
+    if args.estimate:
+        return estimate(args)
 
     # Set-up, and the checkpoint to start from; LPIPS before any folder exists (it may stop the run):
     info, batch_size = set_up(args)
@@ -756,6 +850,15 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     g.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints")
     g.add_argument("--device", type=str, choices=["cuda", "cpu"], default=None, help="default: CUDA if present")
+    # Planning
+    g = parser.add_argument_group("planning")
+    g.add_argument("--estimate", action="store_true",
+                   help="plan the run instead: build models and data loader as the run would, time real steps in "
+                        "this one process, print parameters, peak memory, speed and the projected wall time on "
+                        "1-64 GPUs (and on CUDA the largest per-GPU batch that fits); writes nothing")
+    g.add_argument("--estimate-steps", type=int, default=20,
+                   help="--estimate: timed steps per phase (before / after --disc-start), after 1 (2 with "
+                        "--compile) untimed warm-up")
     return parser
 
 

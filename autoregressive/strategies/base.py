@@ -191,6 +191,11 @@ class Strategy(ABC):
         """
         return {}
 
+    def cost_phases(self) -> list[tuple[str, int]]:
+        """(name, first epoch) of each stretch of a training run whose steps cost the same, after
+        `configure`: the run planner (`--estimate`) times each one. Default: one for the whole run."""
+        return [("", 0)]
+
     def training_loss(self, model: nn.Module, codes: torch.Tensor, labels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """The scalar loss of one step (the hook the training driver calls)."""

@@ -97,6 +97,12 @@ class NppStrategy(RasterStrategy):
     def owns_lr(self) -> bool:
         return self.lr_args is not None
 
+    def cost_phases(self) -> list[tuple[str, int]]:
+        """One per patch stage: a coarser stage runs a shorter sequence, so its steps cost less."""
+        if self.schedule is None:
+            raise RuntimeError("NppStrategy.configure(args) must run before training")
+        return [(f"patch {p}", self.schedule.stage_bounds(i)[0]) for i, p in enumerate(self.schedule.patch_sizes)]
+
     def on_step(self, step: int, steps_per_epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Set the patch size of the epoch `step // steps_per_epoch` and, with --scheduler, the
         learning rate of optimizer step `step` (step 0 of every stage uses lr 0, as official)."""

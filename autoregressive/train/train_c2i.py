@@ -8,6 +8,8 @@ Several (torchrun; what scripts/autoregressive/train_c2i.sh runs):
         --image-size 384 --gpt-model GPT-XL
 Resume a killed run from its last complete checkpoint (same data order, same weights):
     python autoregressive/train/train_c2i.py ... --resume results/000-GPT-B-raster
+Plan a run first (one process; times real steps, projects the wall time on 1-64 GPUs, writes nothing):
+    python autoregressive/train/train_c2i.py --strategy raster --code-path ... --gpt-model GPT-B --estimate
 
 The official LlamaGen flags (its `autoregressive/train/train_c2i.py`) keep their names and defaults; what
 differs between strategies lives in `autoregressive/strategies/` (the `--strategy` registry).
@@ -15,6 +17,7 @@ differs between strategies lives in `autoregressive/strategies/` (the `--strateg
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ from utils.ema import make_ema, update_ema
 from utils.attention_kernels import record_attention_kernels
 from utils.logger import create_logger, progress
 from utils.memory import peak_memory_bytes
+from utils.planner import Phase, Plan, one_process, run_plan
 from utils.parallel import (PARALLEL_MODES, clip_grad_norm, gradient_sync, is_sharded, load_optimizer_state,
                             model_state_dict, optimizer_state_dict, wrap_model)
 from utils.training import (LR_SCHEDULES, MetricsWriter, NonFiniteGuard, ResumableDistributedSampler, Throughput,
@@ -113,7 +117,8 @@ def resolve_flags(args: argparse.Namespace, given: set[str]) -> None:
     --bs, --ep, ...), and its official training recipe when none of its flags was given."""
     check_strategy_flags(args.strategy, given)
     for flag in ("epochs", "global_batch_size", "gradient_accumulation_steps", "log_every", "ckpt_every",
-                 "max_steps", "num_classes", "vocab_size", "image_size", "downsample_size", "cls_token_num"):
+                 "max_steps", "num_classes", "vocab_size", "image_size", "downsample_size", "cls_token_num",
+                 "estimate_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -186,12 +191,19 @@ def take_run_settings(args: argparse.Namespace, given: set[str], ckpt: dict, pat
 def build_state(args: argparse.Namespace, strategy, ckpt: dict | None, path: Path | None, world: int,
                 rank: int, device: torch.device, logger) -> TrainState:
     """Model (built, resumed, wrapped for DDP / FSDP, compiled), EMA, optimizer, scaler and the
-    non-finite guard; a checkpoint restores them all, the RNG states and the data position."""
-    model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
+    non-finite guard; a checkpoint restores them all, the RNG states and the data position.
+
+    The initial weights come from `--global-seed` alone, the same on every rank whatever the world
+    size: FSDP keeps each rank's shard of what that rank built, so rank-dependent initial weights
+    would make the model a patchwork that changes with the number of ranks. The per-rank RNG
+    (`seed * world + rank`: dropout, token dropout) is seeded after the build."""
     if args.ema and is_sharded(args.data_parallel):
         raise ValueError(f"--ema needs the unsharded weights on every rank: use --data-parallel ddp "
                          f"(the official FSDP script has no EMA either), not {args.data_parallel}")
+    torch.manual_seed(args.global_seed)
+    model = strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args)).to(device)
     ema = make_ema(model) if args.ema else None
+    torch.manual_seed(args.global_seed * world + rank)
     scaler = make_grad_scaler(device, args.mixed_precision)
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     logger.info(f"{args.gpt_model} ({args.strategy}): {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -279,69 +291,112 @@ def save(state: TrainState, args: argparse.Namespace, data: CodeDataset, steps_p
     barrier()
 
 
+def data_sampler(args: argparse.Namespace, data: CodeDataset, rank: int, world: int) -> ResumableDistributedSampler:
+    """The run's data order on this rank; one of its "batches" is one optimizer step on this rank
+    (global batch / world items), so `batches_per_epoch` is the run's steps per epoch."""
+    return ResumableDistributedSampler(len(data), rank, world, args.global_batch_size // world, seed=args.global_seed)
+
+
+def total_steps_of(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """The optimizer steps of the whole run: `--epochs` epochs, or `--max-steps` when fewer."""
+    total = args.epochs * steps_per_epoch
+    return min(total, args.max_steps) if args.max_steps is not None else total
+
+
+def epoch_loader(args: argparse.Namespace, data: CodeDataset, sampler: ResumableDistributedSampler, epoch: int,
+                 start_batch: int, micro_batch: int, device: torch.device, loader_gen: torch.Generator):
+    """The micro-batches of `epoch` from its optimizer-sized batch `start_batch` on."""
+    sampler.set_epoch(epoch, start_batch)
+    data.set_epoch(epoch)
+    return iter(DataLoader(data, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
+                           pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: whether it was taken (False: a non-finite loss, skipped), the finite
+    micro-batch losses and tokens, the gradient norm and the strategy's scalars."""
+
+    taken: bool
+    losses: list[torch.Tensor]
+    tokens: int
+    grad_norm: torch.Tensor | None
+    stage_metrics: dict[str, float]
+
+
+def train_step(state: TrainState, args: argparse.Namespace, strategy, batches, steps_per_epoch: int, set_lr,
+               rank: int, device: torch.device, logger, accum: int | None = None) -> StepResult:
+    """One optimizer step on the next `accum` (default --gradient-accumulation-steps) micro-batches
+    of `batches`: the strategy's loss, backward, clipping, AdamW, EMA; a step whose loss is not
+    finite on some rank is skipped by every rank (its micro-batches are consumed all the same)."""
+    accum = accum or args.gradient_accumulation_steps
+    model, optimizer = state.model, state.optimizer
+    stage_metrics = strategy.on_step(state.data_pos, steps_per_epoch, optimizer)  # e.g. NPP's stage and lr
+    if set_lr is not None:
+        set_lr(optimizer, state.data_pos)
+    finite, losses, tokens = True, [], 0
+    for micro in range(accum):
+        codes, labels = next(batches)
+        codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if not finite:
+            continue  # consume the rest of a skipped step's micro-batches
+        gen = step_generator(args.global_seed, rank, state.data_pos * accum + micro, device)
+        with gradient_sync(model, args.data_parallel, enabled=micro == accum - 1):
+            with autocast_context(device, args.mixed_precision):
+                loss = strategy.training_loss(model, codes, labels, generator=gen)
+            # Every rank decides together, or DDP's gradient all-reduce would hang.
+            finite = all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() == 0
+            if finite:
+                state.scaler.scale(loss / accum).backward()
+                losses.append(loss.detach())
+                tokens += codes.numel()
+    state.data_pos += 1
+    if not state.guard.check(finite, state.steps):
+        logger.info(f"step {state.steps}: non-finite loss, step skipped ({state.guard.total} so far)")
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(False, losses, tokens, None, stage_metrics)
+    state.scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(state.raw_model, args.max_grad_norm)
+    state.scaler.step(optimizer)
+    state.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        update_ema(state.ema, state.raw_model, decay=args.ema_decay)
+    state.steps += 1
+    return StepResult(True, losses, tokens, grad_norm, stage_metrics)
+
+
 def train_loop(state: TrainState, args: argparse.Namespace, strategy, data: CodeDataset, micro_batch: int,
                run_dir: Path, rank: int, world: int, device: torch.device, logger) -> None:
     """Optimizer steps until `--epochs` (or `--max-steps`), logging and checkpointing on the way.
 
     `data_pos` counts the optimizer-sized batches consumed, skipped ones included, so a resumed run
     restarts exactly where the data stopped even after a non-finite step."""
-    accum = args.gradient_accumulation_steps
-    sampler = ResumableDistributedSampler(len(data), rank, world, micro_batch * accum,
-                                          seed=args.global_seed)  # one "batch" = one optimizer step on this rank
+    sampler = data_sampler(args, data, rank, world)
     steps_per_epoch = sampler.batches_per_epoch
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = total_steps_of(args, steps_per_epoch)
     logger.info(f"{len(data):,} code files ({data.layout} layout), {steps_per_epoch} steps per epoch, "
                 f"{total_steps} steps in all")
     set_lr = lr_setter(args, strategy, steps_per_epoch)
-    model, optimizer = state.model, state.optimizer
+    optimizer = state.optimizer
     metrics = MetricsWriter(logger, run_dir if rank == 0 else None, enabled=rank == 0)
     meter = Throughput(device)
     loader_gen = torch.Generator().manual_seed(args.global_seed)  # worker seeds, off the global RNG
     running_loss, running_n, grad_norm = torch.zeros((), device=device), 0, torch.zeros(())
     bar = progress(total=total_steps, initial=state.steps, enabled=rank == 0, desc="train", unit="step")
-    model.train()
+    state.model.train()
     while state.steps < total_steps and state.data_pos < args.epochs * steps_per_epoch:
         epoch, start_batch = divmod(state.data_pos, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch)
-        data.set_epoch(epoch)
-        loader = iter(DataLoader(data, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                 pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen))
+        loader = epoch_loader(args, data, sampler, epoch, start_batch, micro_batch, device, loader_gen)
         for _ in range(start_batch, steps_per_epoch):
-            stage_metrics = strategy.on_step(state.data_pos, steps_per_epoch, optimizer)  # e.g. NPP's stage and lr
-            if set_lr is not None:
-                set_lr(optimizer, state.data_pos)
-            finite = True
-            for micro in range(accum):
-                codes, labels = next(loader)
-                codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if not finite:
-                    continue  # consume the rest of a skipped step's micro-batches
-                gen = step_generator(args.global_seed, rank, state.data_pos * accum + micro, device)
-                with gradient_sync(model, args.data_parallel, enabled=micro == accum - 1):
-                    with autocast_context(device, args.mixed_precision):
-                        loss = strategy.training_loss(model, codes, labels, generator=gen)
-                    # Every rank decides together, or DDP's gradient all-reduce would hang.
-                    finite = all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() == 0
-                    if finite:
-                        state.scaler.scale(loss / accum).backward()
-                        running_loss += loss.detach()
-                        running_n += 1
-                        meter.add(codes.numel())
-            state.data_pos += 1
-            if not state.guard.check(finite, state.steps):
-                logger.info(f"step {state.steps}: non-finite loss, step skipped ({state.guard.total} so far)")
-                optimizer.zero_grad(set_to_none=True)
+            step = train_step(state, args, strategy, loader, steps_per_epoch, set_lr, rank, device, logger)
+            for loss in step.losses:
+                running_loss += loss
+            running_n += len(step.losses)
+            meter.add(step.tokens)
+            if not step.taken:
                 continue
-            state.scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(state.raw_model, args.max_grad_norm)
-            state.scaler.step(optimizer)
-            state.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if state.ema is not None:
-                update_ema(state.ema, state.raw_model, decay=args.ema_decay)
-            state.steps += 1
+            grad_norm = step.grad_norm
             bar.update(1)
 
             if state.steps % args.log_every == 0 or state.steps == total_steps:
@@ -353,7 +408,7 @@ def train_loop(state: TrainState, args: argparse.Namespace, strategy, data: Code
                                             "train/nonfinite_steps": state.guard.total,
                                             "train/epoch": state.data_pos / steps_per_epoch,
                                             "train/peak_mem_gib": peak_memory_bytes(device) / 2**30,
-                                            **{f"train/{k}": v for k, v in stage_metrics.items()}})
+                                            **{f"train/{k}": v for k, v in step.stage_metrics.items()}})
                 bar.set_postfix(loss=f"{avg:.4f}")
                 running_loss.zero_()
                 running_n = 0
@@ -370,24 +425,22 @@ def train_loop(state: TrainState, args: argparse.Namespace, strategy, data: Code
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
-    """Train; `given` names the flags the user gave (default: those that differ from the defaults)."""
-    given = given if given is not None else given_flags(build_parser(), args=args)
-    resolve_flags(args, given)
-
-    # Setup DDP ------------------------------------------------------------------------------
-    dist_info = init_distributed(args.device)
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+def set_up(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    """The per-rank micro-batch (the global batch must divide over ranks and accumulation steps),
+    the per-rank seed, TF32 on CUDA."""
     if args.global_batch_size % (world * args.gradient_accumulation_steps) != 0:
         raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by world size {world} "
                          f"x --gradient-accumulation-steps {args.gradient_accumulation_steps}")
-    micro_batch = args.global_batch_size // (world * args.gradient_accumulation_steps)
     torch.manual_seed(args.global_seed * world + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return args.global_batch_size // (world * args.gradient_accumulation_steps)
 
-    # Data and strategy flags: checked before anything is written -----------------------------
+
+def open_inputs(args: argparse.Namespace) -> tuple[Strategy, CodeDataset, dict]:
+    """The strategy (configured), its tokenizer when it trains with one, and the codes, all checked
+    against the flags before anything is written."""
     strategy = get_strategy(args.strategy)
     strategy.configure(args, training=True)
     tokenizer = hand_over_tokenizer(strategy, args)
@@ -395,6 +448,102 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     if not (args.resume or args.gpt_ckpt):  # a resumed run takes its architecture from its checkpoint first
         with torch.device("meta"):  # size, grid and strategy flags fit together, before any folder exists
             strategy.build_model(args.gpt_model, **model_kwargs(args), **strategy.model_config(args))
+    return strategy, data, codes_info
+
+
+def estimate(args: argparse.Namespace) -> None:
+    """`--estimate`: build the model, data loader and optimizer as a new run would, time real steps
+    of every cost phase in this process and print the run plan (`utils/planner.py`); writes nothing."""
+    if args.resume or args.gpt_ckpt:
+        raise ValueError("--estimate plans a new run: drop --resume / --gpt-ckpt (give the run's "
+                         "architecture flags instead; the weights do not change the timing)")
+    with one_process(args.device, is_sharded(args.data_parallel)) as info:
+        device = info.device
+        micro_batch = set_up(args, 0, 1, device)
+        strategy, data, _ = open_inputs(args)
+        logger = create_logger("train_c2i.estimate", None, 0)  # console only
+        state = build_state(args, strategy, None, None, 1, 0, device, logger)
+        report_attention(state, args, strategy, data, device, logger)
+        sampler = data_sampler(args, data, 0, 1)
+        steps_per_epoch = sampler.batches_per_epoch
+        set_lr = lr_setter(args, strategy, steps_per_epoch)
+        loader_gen = torch.Generator().manual_seed(args.global_seed)
+
+        def batches():  # the run's loader from its first batch on, epoch after epoch
+            for epoch in itertools.count():
+                yield from epoch_loader(args, data, sampler, epoch, 0, micro_batch, device, loader_gen)
+
+        stream = batches()
+        first = next(stream)
+        state.model.train()
+
+        def step() -> int:
+            return train_step(state, args, strategy, stream, steps_per_epoch, set_lr, 0, device, logger).tokens
+
+        def try_micro_batch(k: int) -> None:  # the first batch tiled to k: memory depends on shapes only
+            codes, labels = (t.repeat(-(-k // len(t)), *[1] * (t.dim() - 1))[:k] for t in first)
+            train_step(state, args, strategy, iter([(codes, labels)]), steps_per_epoch, set_lr, 0, device,
+                       logger, accum=1)
+
+        def run_steps_between(start: int, end: int):
+            def run_steps(gpus: int) -> int:
+                if args.global_batch_size % gpus:
+                    raise ValueError(f"global batch does not divide over {gpus} GPUs")
+                spe = data_sampler(args, data, 0, gpus).batches_per_epoch
+                total = total_steps_of(args, spe)
+                return max(0, min(end * spe, total) - min(start * spe, total))
+            return run_steps
+
+        def begin_at(epoch: int):
+            def begin() -> None:
+                state.data_pos = epoch * steps_per_epoch  # the strategy's stage (and lr) of that epoch
+            return begin
+
+        def after_oom() -> None:
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler = make_grad_scaler(device, args.mixed_precision)
+
+        starts = strategy.cost_phases()
+        ends = [e for _, e in starts[1:]] + [args.epochs]
+        phases = [Phase(name, step, run_steps_between(start, end), begin_at(start), try_micro_batch)
+                  for (name, start), end in zip(starts, ends)]
+        total = total_steps_of(args, steps_per_epoch)
+        summary = f"{args.epochs} epochs x {steps_per_epoch:,} steps per epoch at global batch " \
+                  f"{args.global_batch_size} ({len(data):,} code files) = {args.epochs * steps_per_epoch:,} steps"
+        if total < args.epochs * steps_per_epoch:
+            summary += f"; --max-steps {args.max_steps}: {total:,} steps"
+        notes = []
+        if is_sharded(args.data_parallel):
+            notes.append(f"--data-parallel {args.data_parallel}: measured on one rank, where nothing is sharded; "
+                         f"over G GPUs each holds 1/G of the weights, gradients and optimizer state (less memory) "
+                         f"and every step adds all-gathers and reduce-scatters (not modelled)")
+        compiled = args.compile if args.compile is not None else device.type == "cuda"
+        precision = args.mixed_precision if device.type == "cuda" else "float32: CPU runs ignore --mixed-precision"
+        plan = Plan(title=f"{args.gpt_model} --strategy {args.strategy}, {args.image_size} px, "
+                          f"{strategy.code_length(args)} codes per image",
+                    parameters={args.gpt_model: sum(p.numel() for p in state.raw_model.parameters())},
+                    phases=phases, global_batch=args.global_batch_size, micro_batch=micro_batch,
+                    accumulation=args.gradient_accumulation_steps, can_accumulate=True, device=device,
+                    precision=precision, warmup=2 if compiled else 1, run_summary=summary, after_oom=after_oom,
+                    notes=notes)
+        run_plan(plan, args.estimate_steps)
+
+
+def main(args: argparse.Namespace, given: set[str] | None = None) -> Path | None:
+    """Train (or with --estimate plan the run and return None); `given` names the flags the user
+    gave (default: those that differ from the defaults)."""
+    given = given if given is not None else given_flags(build_parser(), args=args)
+    resolve_flags(args, given)
+    if args.estimate:
+        return estimate(args)
+
+    # Setup DDP ------------------------------------------------------------------------------
+    dist_info = init_distributed(args.device)
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    micro_batch = set_up(args, rank, world, device)
+
+    # Data and strategy flags: checked before anything is written -----------------------------
+    strategy, data, codes_info = open_inputs(args)
 
     # Experiment folder: a new run, or the run being resumed ---------------------------------
     run_dir, resume_path, ckpt, notes = open_run(args, rank, world)
@@ -479,12 +628,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop when this many steps in a row have a non-finite loss")
     # Run
-    p.add_argument("--global-seed", type=int, default=0, help="seed (per rank: seed * world + rank)")
+    p.add_argument("--global-seed", type=int, default=0,
+                   help="seed: the initial weights from it alone (the same for any number of ranks, DDP or "
+                        "FSDP), dropout per rank from seed * world + rank")
     p.add_argument("--results-dir", type=str, default="results", help="new runs go to <results>/<NNN>-<model>")
     p.add_argument("--resume", type=str, default=None, help="run folder to resume from its last checkpoint")
     p.add_argument("--log-every", type=int, default=100, help="log every N steps")
     p.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N steps")
     p.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    # Planning
+    p.add_argument("--estimate", action="store_true",
+                   help="plan the run instead: build model and data loader as the run would, time real steps in "
+                        "this one process, print parameters, peak memory, speed and the projected wall time on "
+                        "1-64 GPUs (and on CUDA the largest micro-batch that fits); writes nothing")
+    p.add_argument("--estimate-steps", type=int, default=20,
+                   help="--estimate: timed steps (per cost phase), after 1 (2 with torch.compile) untimed warm-up")
     add_strategy_arguments(p)
     return p
 
