@@ -26,7 +26,7 @@ LAYERS = [
     ("autoregressive.decoding", 3),
     ("autoregressive.strategies", 4),
     ("autoregressive.train", 5), ("autoregressive.sample", 5), ("autoregressive.demo", 5),
-    ("autoregressive.reproduce", 5), ("bench", 5),
+    ("autoregressive.reproduce", 5), ("autoregressive.export", 5), ("bench", 5),
     ("tokenizer.train_vq", 5), ("tokenizer.reconstruction_vq_ddp", 5), ("evaluations.c2i.evaluator", 5),
 ]
 LAYER_NAMES = {0: "utils", 1: "dataset/tokenizer/evaluations", 2: "models", 3: "decoding", 4: "strategies",

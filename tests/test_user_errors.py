@@ -139,6 +139,13 @@ CASES = [
     ("reproduce-unknown", ["-m", "autoregressive.reproduce", "llamagen", "NOPE", "--dry-run",
                            "--models-dir", "{w}/models", "--sample-dir", "{w}/samples"], "NOPE"),
     ("reproduce-nothing", ["-m", "autoregressive.reproduce"], "method"),
+    ("reproduce-vq-without-data", ["-m", "autoregressive.reproduce", "vq", "VQ-16", "--models-dir", "{w}/models",
+                                   "--sample-dir", "{w}/samples"], "--data-path"),
+    # export to the official layout
+    ("export-no-ema", ["scripts/export_official.py", "{w}/gpt.pt", "--out", "{w}/export.pt", "--ema"], "EMA"),
+    ("export-not-ours", ["scripts/export_official.py", "{w}/ref.npz", "--out", "{w}/export.pt"], "ref.npz"),
+    ("export-a-resume-stub", ["scripts/export_official.py", "{w}/gpt-run/checkpoints/0000001.pt", "--out",
+                              "{w}/export.pt"], "train_c2i.py"),
     ("bench-sample-zero-batch", ["bench/bench_sample.py", "--batch-sizes", "0", "--cases", "raster"], "--batch-sizes"),
 ]
 
@@ -187,6 +194,9 @@ def test_corrected_reruns_succeed(world):
     ok = run(world, SAMPLE + ["--cfg-scale", "1.5"])
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert list((world / "samples").glob("*.npz"))
+    ok = run(world, ["scripts/export_official.py", "{w}/gpt.pt", "--out", "{w}/export.pt"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert list(torch.load(world / "export.pt", weights_only=True)) == ["model"]
 
 
 def test_debug_shows_the_traceback(world):

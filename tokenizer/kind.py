@@ -55,6 +55,11 @@ class TokenizerKind(ABC):
     arch_flags: tuple[str, ...] = ()
     #: whether `encode_with_margins` gives each code's distance margin (a single nearest-code search).
     has_margins: bool = False
+    #: how the official code reads a released tokenizer (what `autoregressive/export.py` writes):
+    #: "model" = `{"model": state_dict}`, "flat" = the bare state dict.
+    official_layout: str = "model"
+    #: where the official code reads it, for messages and the README.
+    official_reader: str = ""
 
     # -- building (tokenizer training, benchmarks) -----------------------------------------------
 
@@ -103,6 +108,17 @@ class TokenizerKind(ABC):
              map_location: str | torch.device = "cpu") -> nn.Module:
         """Load a checkpoint strictly (`weights_only=True`), eval mode; CheckpointError naming the
         reason when it is not a tokenizer of this kind and size."""
+
+    def official_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """`model`'s weights under the official key names: the inverse of `load`, which copies the
+        official names in unchanged (our modules carry them), so the state dict itself."""
+        return dict(model.state_dict())
+
+    def official_notes(self, model: nn.Module) -> list[str]:
+        """What the official class hard-codes and this tokenizer sets otherwise (widths, blocks, norm
+        groups): the official code loads such a file only with those values changed, as the golden
+        fixtures of tiny configurations do. Empty for the released layouts."""
+        return []
 
     def owns(self, model: nn.Module) -> bool:
         """Whether `model` is a tokenizer of this kind."""

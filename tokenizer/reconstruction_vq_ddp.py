@@ -45,7 +45,7 @@ from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
 from tokenizer.metrics import OFFICIAL_SSIM_DATA_RANGE, psnr, ssim
 from tokenizer.registry import codebook, decode, encode, load_tokenizer, size_names
-from utils.checkpoint import atomic_write, file_sha256, save_npz
+from utils.checkpoint import atomic_write, file_sha256, save_json, save_npz
 from utils.cli import run_cli
 from utils.distributed import barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
@@ -95,6 +95,18 @@ def image_metrics(recon: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     s2 = np.array([ssim(a, b, OFFICIAL_SSIM_DATA_RANGE) for a, b in zip(r, gt)])
     s1 = np.array([ssim(a, b, 1.0) for a, b in zip(r, gt)])
     return p, s2, s1
+
+
+def run_name(args: argparse.Namespace, codebook_size: int, codebook_dim: int) -> str:
+    """The output folder and `.npz` name of a run: what produced it (tokenizer file, sizes, codebook,
+    seed), so that `autoregressive/reproduce.py` finds the files this script writes."""
+    return (f"{args.vq_model or 'VQ'}-{Path(args.vq_ckpt).stem}-{args.dataset}-size-{args.image_size}-size-"
+            f"{args.image_size_eval}-codebook-size-{codebook_size}-dim-{codebook_dim}-seed-{args.global_seed}")
+
+
+def reference_name(args: argparse.Namespace) -> str:
+    """The reference batch the run writes beside its reconstructions (rFID is measured against it)."""
+    return f"val_{args.dataset}-size-{args.image_size_eval}.npz"
 
 
 #: the per-image members of a shard, small enough to hold for the whole set
@@ -182,16 +194,12 @@ def main(args):
     vq_model = load_tokenizer(args.vq_ckpt, args.vq_model, codebook_size=args.codebook_size,
                               codebook_embed_dim=args.codebook_embed_dim, image_size=args.image_size,
                               prefer_ema=not args.no_ema).to(device)
-    model_name = args.vq_model or "VQ"
     if args.image_size % vq_model.downsample != 0:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
                          f"downsampling factor {vq_model.downsample}")
 
     # Output folder, named after what produced it; refuse to mix shards of other settings:
-    codebook_size, codebook_dim = codebook(vq_model)
-    folder_name = (f"{model_name}-{Path(args.vq_ckpt).stem}-{args.dataset}-size-{args.image_size}-size-"
-                   f"{args.image_size_eval}-codebook-size-{codebook_size}-dim-{codebook_dim}"
-                   f"-seed-{args.global_seed}")
+    folder_name = run_name(args, *codebook(vq_model))
     sample_dir = Path(args.sample_dir)
     out_dir = sample_dir / folder_name
     shard_dir = out_dir / "shards"
@@ -242,12 +250,16 @@ def main(args):
             with np.load(path) as f:
                 skipped.extend(f["skipped"].tolist())
         recon_path = sample_dir / f"{folder_name}.npz"
-        ref_path = sample_dir / f"val_{args.dataset}-size-{args.image_size_eval}.npz"
+        ref_path = sample_dir / reference_name(args)
         out = pack(shard_dir, n, len(skipped), recon_path, ref_path, args.global_seed)
         result = (f"PSNR: {out['psnr'].mean():.6f}, SSIM: {out['ssim'].mean():.6f} (official data_range=2), "
                   f"SSIM: {out['ssim_range1'].mean():.6f} (data_range=1) over {len(out['psnr'])} images")
         print(result)
         (sample_dir / f"{folder_name}_results.txt").write_text(result + "\n")
+        save_json(sample_dir / f"{folder_name}_results.json",
+                  {"psnr": float(out["psnr"].mean()), "ssim": float(out["ssim"].mean()),
+                   "ssim_range1": float(out["ssim_range1"].mean()), "num_images": int(len(out["psnr"])),
+                   "skipped": len(skipped), "reconstructions": str(recon_path), "reference": str(ref_path)})
         logger.info(SkipCounter(skipped).report())
         logger.info(f"reconstructions {recon_path} {npz_member_memmap(recon_path, 'arr_0').shape}; "
                     f"reference (shuffled) {ref_path}")

@@ -68,9 +68,11 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return atomic_write(path, lambda f: np.save(f, array))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """Load a checkpoint with `weights_only=True` (plus the `SAFE_GLOBALS` allow-list).
 
+    `mmap=True` maps the tensors instead of reading them (a cheap look at a large file's keys and
+    `args`; our checkpoints are all in torch's zip format, which mapping needs).
     Raises `CheckpointError` with the path and the reason when the file is missing or cannot be
     read safely, instead of falling back to unsafe unpickling.
     """
@@ -79,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise CheckpointError(
             f"cannot load {path} safely (weights_only=True): {type(e).__name__}: {e}"

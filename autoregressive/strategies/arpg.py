@@ -34,6 +34,7 @@ from autoregressive.decoding.logits import Generator, cfg_labels
 from autoregressive.decoding.orders import Schedule, check_known
 from autoregressive.strategies.base import TrainingBatch
 from autoregressive.strategies.raster import RasterStrategy
+from utils.checkpoint import CheckpointError
 
 #: CFG scale of a step from (guidance g, tokens known after the step, tokens generated in all).
 CFG_SCHEDULES = {
@@ -49,6 +50,7 @@ class ArpgStrategy(RasterStrategy):
     name = "arpg"
     can_edit = True
     model_sizes = ARPG_SIZES
+    official_reader = "hp-l33/ARPG sample_c2i_ddp.py (checkpoint['model'])"
     #: the official schedule (hp-l33/ARPG `train_c2i.py`): 100 warm-up epochs, then a half-cosine
     #: to --min-lr; applied when no lr-schedule flag is given (`--warmup-epochs 0` keeps a constant rate).
     training_recipe = {"lr_schedule": "cosine", "warmup_epochs": 100.0}
@@ -84,6 +86,18 @@ class ArpgStrategy(RasterStrategy):
 
     def build_model(self, gpt_model: str, **config: Any) -> ARPG:
         return build_arpg(gpt_model, **config)
+
+    def official_state_dict(self, model: ARPG) -> dict[str, torch.Tensor]:
+        """The state dict, refused for a model with our learned absolute positions (`abs_pos_embed`,
+        ARPG-debug): the official ARPG (hp-l33/ARPG `models/arpg.py`) places tokens by RoPE alone and
+        has no `pos_embed`; its sampler, loading with strict=False, would drop it and run another model."""
+        if model.pos_embed is not None:
+            raise CheckpointError(
+                "this ARPG model has a learned absolute position embedding (pos_embed, abs_pos_embed=True: "
+                "ours, as in ARPG-debug) that the official ARPG (hp-l33/ARPG models/arpg.py, RoPE positions "
+                "only) has no parameter for: its sampler would drop it and compute another model; only "
+                "models without it (ARPG-L/XL/XXL) can be exported")
+        return super().official_state_dict(model)
 
     # -- training ---------------------------------------------------------------------------------
 

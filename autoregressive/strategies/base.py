@@ -66,6 +66,12 @@ class Strategy(ABC):
     #: VQVAE: `--vae-ckpt`); drivers then load it and hand it over with `use_tokenizer`. None: the
     #: strategy reads codes only and the sampler decodes them.
     tokenizer_flag: str | None = None
+    #: how this method's official code reads a released checkpoint (what `autoregressive/export.py`
+    #: writes): "model" = `{"model": state_dict}`, "flat" = the bare state dict.
+    official_layout: str = "model"
+    #: where the official code reads it, for messages and the README.
+    official_reader: str = ("FoundationVision/LlamaGen autoregressive/sample/sample_c2i_ddp.py "
+                            "(checkpoint['model'])")
 
     # -- decoding path ----------------------------------------------------------------------------
 
@@ -165,6 +171,15 @@ class Strategy(ABC):
     @abstractmethod
     def load_official(self, model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
         """Copy an official (or our) state dict into `model` strictly, naming any mismatch."""
+
+    def official_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """`model`'s weights under the official key names: the inverse of `load_official`.
+
+        `load_official` copies official state dicts in without renaming (our modules carry the
+        official key names; `tests/test_parity_*.py` check them against every release's key list),
+        so its inverse is the state dict itself. A strategy whose model can hold what the official
+        one cannot overrides this and raises `CheckpointError` with the reason."""
+        return dict(model.state_dict())
 
     @abstractmethod
     def load_model(self, path: str | os.PathLike, gpt_model: str | None = None, *,

@@ -78,6 +78,7 @@ class LpdStrategy(Strategy):
     name = "lpd"
     can_edit = True
     model_sizes = LPD_SIZES
+    official_reader = "mit-han-lab/lpd main.py --pretrained_ckpt (checkpoint['model'])"
 
     def __init__(self) -> None:
         # The official sampler's defaults until `configure` reads the flags.

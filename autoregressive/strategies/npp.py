@@ -27,6 +27,8 @@ from autoregressive.strategies.npp_schedule import PatchSchedule, lr_multiplier,
 
 class NppStrategy(RasterStrategy):
     name = "npp"
+    official_reader = ("PKU-YuanGroup/Next-Patch-Prediction autoregressive/sample/sample_c2i_ddp.py "
+                       "(checkpoint['model'])")
     #: taken from the checkpoint on resume (a contradicting one is an error), so that the resumed
     #: stages and learning rates are those of the interrupted run.
     schedule_flags = ("patch_level", "epoch_rate", "scheduler", "warmup_epochs", "decay_ratio", "end_lr",

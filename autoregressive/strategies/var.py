@@ -89,6 +89,9 @@ class VarStrategy(Strategy):
                     "fp16": "mixed_precision", "tblr": "lr"}
     tokenizer_kind = "msvq"
     tokenizer_flag = "--vae-ckpt"
+    #: the released var_d*.pth are bare state dicts: `var.load_state_dict(torch.load(path), strict=True)`.
+    official_layout = "flat"
+    official_reader = "FoundationVision/VAR demo_sample.ipynb (var.load_state_dict(torch.load(path)))"
 
     def __init__(self) -> None:
         self.tokenizer: MultiScaleVQVAE | None = None
@@ -320,6 +323,8 @@ class VarStrategy(Strategy):
                     raise CheckpointError(f"{what} was trained with {k}={recorded[k]!r}, but {k}={v!r} was asked for")
             config.update(recorded)
         self._check_weights_fit_tokenizer(weights, what)
+        if self.tokenizer is None and "word_embed.weight" in weights:  # no VQVAE given: its code width
+            config.setdefault("Cvae", weights["word_embed.weight"].shape[1])  # is the input width of the file
         model = self.build_model(gpt_model, **{k: v for k, v in config.items() if k != "block_size"})
         self.load_official(model, weights, what=what)
         return model.eval()

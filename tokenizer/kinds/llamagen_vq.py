@@ -28,6 +28,11 @@ class LlamaGenVQ(TokenizerKind):
     config_key = "vq_config"
     arch_flags = ("codebook_size", "codebook_embed_dim", "codebook_l2_norm")
     has_margins = True
+    #: vq_ds16_c2i.pt / vq_ds8_c2i.pt hold `{"model": ...}`.
+    official_reader = ("FoundationVision/LlamaGen tokenizer/tokenizer_image/reconstruction_vq_ddp.py and "
+                       "autoregressive/sample/sample_c2i_ddp.py (checkpoint['model'])")
+    #: what the official `VQModel` hard-codes (Encoder/Decoder `ch=128`, `num_res_blocks=2`).
+    official_fixed = {"ch": 128, "num_res_blocks": 2}
 
     def build(self, size: str, *, codebook_size: int, codebook_embed_dim: int, image_size: int,
               patch_nums: PatchNums = None, codebook_l2_norm: bool = True, dropout: float = 0.0,
@@ -64,6 +69,10 @@ class LlamaGenVQ(TokenizerKind):
         return load_vq(path, size, VQConfig.codebook_size if codebook_size is None else codebook_size,
                        VQConfig.codebook_embed_dim if codebook_embed_dim is None else codebook_embed_dim,
                        prefer_ema=prefer_ema, map_location=map_location)
+
+    def official_notes(self, model: VQModel) -> list[str]:
+        return [f"{k}={getattr(model.config, k)}: the official VQModel (tokenizer/tokenizer_image/vq_model.py) "
+                f"hard-codes {k}={v}" for k, v in self.official_fixed.items() if getattr(model.config, k) != v]
 
     def identity(self, model: VQModel, source: str = "") -> dict:
         return tokenizer_identity(model, source)

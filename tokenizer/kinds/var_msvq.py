@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tokenizer.kind import PatchNums, TokenizerKind, weight_keys
-from tokenizer.msvq import (MSVQ_models, USAGE_BUFFER, MSVQConfig, MultiScaleVQVAE, build_msvq, build_msvq_named,
+from tokenizer.msvq import (CH_MULT, MSVQ_models, NUM_RES_BLOCKS, USAGE_BUFFER, MSVQConfig, MultiScaleVQVAE, build_msvq, build_msvq_named,
                             load_msvq, msvq_config_dict, msvq_identity, parse_patch_nums)
 
 
@@ -29,6 +29,11 @@ class VarMSVQ(TokenizerKind):
     sizes = MSVQ_models
     config_key = "msvq_config"
     arch_flags = ("codebook_size", "codebook_embed_dim", "v_patch_nums")
+    #: vae_ch160v4096z32.pth is a bare state dict: `vae.load_state_dict(torch.load(path), strict=True)`.
+    official_layout = "flat"
+    official_reader = "FoundationVision/VAR demo_sample.ipynb (vae.load_state_dict(torch.load(path)))"
+    #: what the official `VQVAE` hard-codes (models/basic_vae.py: ch_mult, num_res_blocks, GroupNorm(32)).
+    official_fixed = {"ch_mult": CH_MULT, "num_res_blocks": NUM_RES_BLOCKS, "norm_num_groups": 32}
 
     def build(self, size: str, *, codebook_size: int, codebook_embed_dim: int, image_size: int,
               patch_nums: PatchNums = None, codebook_l2_norm: bool = True, dropout: float = 0.0,
@@ -70,6 +75,11 @@ class VarMSVQ(TokenizerKind):
         nums = parse_patch_nums(patch_nums) if patch_nums else None
         return load_msvq(path, patch_nums=nums, map_location=map_location, image_size=image_size,
                          prefer_ema=prefer_ema)
+
+    def official_notes(self, model: MultiScaleVQVAE) -> list[str]:
+        ours = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(model.config).items()}
+        return [f"{k}={ours[k]}: the official VQVAE (models/vqvae.py, models/basic_vae.py) hard-codes {k}={v}"
+                for k, v in self.official_fixed.items() if ours[k] != v]
 
     def identity(self, model: MultiScaleVQVAE, source: str = "") -> dict:
         return msvq_identity(model, source)
