@@ -78,6 +78,7 @@ class LpdStrategy(Strategy):
     name = "lpd"
     can_edit = True
     model_sizes = LPD_SIZES
+    image_flags = ("steps", "order", "sample_schedule", "repulsion_threshold", "cfg_schedule")
 
     def __init__(self) -> None:
         # The official sampler's defaults until `configure` reads the flags.
