@@ -19,11 +19,13 @@ import torch
 from PIL import Image
 
 from autoregressive.strategies import get_strategy
+from dataset.image_folder import write_class_index
 from tests.test_train_c2i import write_codes
 from tokenizer.vq_model import VQ_models
 from utils.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,22 @@ def world(tmp_path_factory) -> Path:
     np.savez(d / "small.npz", arr_0=rng.randint(0, 256, (8, 8, 8, 3)).astype(np.uint8))
     (d / "gpt-run" / "checkpoints").mkdir(parents=True)  # a GPT run, for --resume of the wrong trainer
     save_checkpoint({"model": {}, "args": {"strategy": "raster"}, "data_pos": 0}, d / "gpt-run" / "checkpoints" / "0000001.pt")
+    # class maps: a GPT that carries one, codes with one and a run trained on another, a class-folder
+    # tree (folders a, b) and map files for it
+    save_checkpoint({"model": gpt.state_dict(), "class_to_idx": {c: i for i, c in enumerate(DIGIT_NAMES)},
+                     "args": {"strategy": "raster", "gpt_model": "GPT-debug", "image_size": 16, "downsample_size": 4,
+                              "vocab_size": 64, "num_classes": 10, "cls_token_num": 1}}, d / "gpt-map.pt")
+    write_codes(d / "codes-map")
+    write_class_index(d / "codes-map" / "digits16_codes", {str(i): i for i in range(10)})
+    save_checkpoint({"model": {}, "args": {"strategy": "raster"}, "data_pos": 0,
+                     "class_to_idx": {c: i for i, c in enumerate(DIGIT_NAMES)}},
+                    d / "gpt-run-map" / "checkpoints" / "0000001.pt")
+    for c in ("a", "b"):
+        (d / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "imgs" / c / "0.png")
+    (d / "map-a.json").write_text('{"a": 0}')
+    (d / "map-gap.json").write_text('{"a": 0, "b": 2}')
+    (d / "map-dup.json").write_text('{"a": 1, "b": 1}')
     (d / "cwd").mkdir()
     return d
 
@@ -73,6 +91,14 @@ EXTRACT = ["autoregressive/train/extract_codes_c2i.py", "--dataset", "digits", "
 RECON = ["tokenizer/reconstruction_vq_ddp.py", "--vq-ckpt", "{w}/vq.pt", "--vq-model", "VQ-debug", "--codebook-size",
          "64", "--dataset", "digits", "--image-size", "16", "--image-size-eval", "16", "--sample-dir", "{w}/recon",
          "--num-workers", "0", "--device", "cpu"]
+FOLDER = ["--dataset", "folder", "--data-path", "{w}/imgs"]
+WITH_MAP = {"{w}/gpt.pt": "{w}/gpt-map.pt"}
+
+
+def swap(cmd: list[str], changes: dict[str, str]) -> list[str]:
+    return [changes.get(a, a) for a in cmd]
+
+
 EVAL = ["evaluations/c2i/evaluator.py", "--backend", "torch", "--weights", "{w}/inception.pth", "--is-split-size", "4"]
 
 #: (id, command, text the single error line must contain)
@@ -92,6 +118,8 @@ CASES = [
     ("train-zero-log-every", TRAIN + ["--log-every", "0"], "--log-every"),
     ("train-estimate-zero-steps", TRAIN + ["--estimate", "--estimate-steps", "0"], "--estimate-steps"),
     ("train-estimate-resume", TRAIN + ["--estimate", "--resume", "{w}/gpt-run"], "--estimate plans a new run"),
+    ("train-resume-other-class-map", swap(TRAIN, {"{w}/codes": "{w}/codes-map"}) + ["--resume", "{w}/gpt-run-map"],
+     "class map mismatch"),
     # large-scale sampling
     ("sample-negative-cfg", SAMPLE + ["--cfg-scale", "-1"], "cfg_scale"),
     ("sample-zero-samples", SAMPLE + ["--num-fid-samples", "0"], "--num-fid-samples"),
@@ -104,10 +132,14 @@ CASES = [
     ("sample-zero-classes", SAMPLE + ["--num-classes", "0"], "--num-classes"),
     ("sample-wrong-size", SAMPLE + ["--gpt-model", "GPT-B"], "GPT-B"),
     ("sample-wrong-strategy", SAMPLE + ["--strategy", "lpd"], "lpd"),
+    ("sample-class-map-beyond-num-classes", swap(SAMPLE, WITH_MAP) + ["--num-classes", "5"], "does not cover"),
     # grid sampling and editing
     ("grid-zero-per-class", GRID + ["--per-class", "0"], "--per-class"),
     ("grid-class-out-of-range", GRID + ["--classes", "10"], "--classes 10"),
     ("grid-cfg", GRID + ["--cfg-scale", "0.5"], "cfg_scale"),
+    ("grid-class-name-without-map", GRID + ["--classes", "dog"], "carries no class map"),
+    ("grid-unknown-class-name", swap(GRID, WITH_MAP) + ["--classes", "sevn"], "did you mean 'seven'"),
+    ("edit-unknown-class-name", swap(EDIT, WITH_MAP) + ["--strategy", "arpg", "--class-id", "cat"], "'cat'"),
     ("edit-raster-cannot", EDIT + ["--strategy", "raster"], "--strategy raster cannot edit"),
     ("edit-missing-image", EDIT + ["--strategy", "arpg", "--image", "{w}/missing.png"], "missing.png"),
     ("edit-broken-image", EDIT + ["--strategy", "arpg", "--image", "{w}/broken.png"], "broken.png"),
@@ -132,6 +164,11 @@ CASES = [
     ("extract-missing-tokenizer", [a.replace("{w}/vq.pt", "{w}/missing-vq.pt") for a in EXTRACT], "missing-vq.pt"),
     ("extract-image-size", EXTRACT + ["--image-size", "18"], "--image-size 18"),
     ("extract-codebook", EXTRACT + ["--codebook-size", "512"], "--codebook-size"),
+    ("extract-class-map-unnamed-folder", EXTRACT + FOLDER + ["--class-map", "{w}/map-a.json"], "does not name"),
+    ("extract-class-map-gap", EXTRACT + FOLDER + ["--class-map", "{w}/map-gap.json"], "without gaps"),
+    ("extract-class-map-of-digits", EXTRACT + ["--class-map", "{w}/map-a.json"], "--class-map"),
+    ("vq-class-map-duplicate-ids", VQTRAIN + FOLDER + ["--class-map", "{w}/map-dup.json"], "must be unique"),
+    ("recon-class-map-missing", RECON + FOLDER + ["--class-map", "{w}/nope.json"], "nope.json"),
     ("recon-split-of-a-folder", RECON + ["--dataset", "folder", "--data-path", "{w}", "--split", "train"], "--split"),
     ("recon-image-size", RECON + ["--image-size", "18"], "--image-size 18"),
     # downloads, presets, benches

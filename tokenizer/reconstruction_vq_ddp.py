@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dataset.build import IMAGE_DATASETS, build_image_dataset
+from dataset.build import CLASS_MAP_HELP, IMAGE_DATASETS, build_image_dataset
 from dataset.image_folder import SkipCounter, collate_skip_corrupt
 from dataset.transforms import center_crop_arr, to_tensor_normalized
 from tokenizer.metrics import OFFICIAL_SSIM_DATA_RANGE, psnr, ssim
@@ -211,11 +211,13 @@ def main(args):
 
     # Data: centre crops; batches of --per-proc-batch-size, batch c on rank c % world. Opened before
     # the output folder is claimed, so a data set that cannot be read leaves nothing behind.
-    base = build_image_dataset(args.dataset, args.data_path, None, args.image_size, split=args.split)
+    base = build_image_dataset(args.dataset, args.data_path, None, args.image_size, split=args.split,
+                               class_map=args.class_map)
+    if args.class_map:  # the images are in class-id order: another map, another order of the .npz
+        settings["class_to_idx"] = dict(base.class_to_idx)
     dataset = CenterCrops(base, args.image_size, args.image_size_eval)
-    if rank == 0:
-        claim_shard_folder(out_dir, settings)  # refuses shards of other settings (a user error)
-        shard_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # beside the shards, so that finished ones are found and compared
+        claim_shard_folder(shard_dir, settings)  # refuses shards of other settings (a user error)
     barrier()
     n, b = len(dataset), args.per_proc_batch_size
     done = finished_shards(shard_dir)
@@ -280,6 +282,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", type=str, choices=list(IMAGE_DATASETS), default="imagenet",
                    help="validation class-folder tree, or the digits")
     g.add_argument("--data-path", type=str, default=None, help="validation <root>/<class>/<image>")
+    g.add_argument("--class-map", type=str, default=None, help=CLASS_MAP_HELP)
     g.add_argument("--split", type=str, choices=["train", "heldout"], default=None,
                    help="digits only: which split (default heldout)")
     g.add_argument("--image-size", type=int, default=256, help="centre-crop size fed to the tokenizer")

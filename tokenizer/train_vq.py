@@ -47,8 +47,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from dataset.build import IMAGE_DATASETS, build_image_dataset
-from dataset.image_folder import SkipCounter, collate_skip_corrupt
+from dataset.build import CLASS_MAP_HELP, IMAGE_DATASETS, build_image_dataset
+from dataset.image_folder import SkipCounter, check_class_index, collate_skip_corrupt
 from dataset.transforms import random_crop_arr, to_tensor_normalized
 from tokenizer.losses import (DISC_LOSSES, DISCRIMINATORS, GEN_LOSSES, LPIPS_LIN_DEFAULT, RECONSTRUCTION_LOSSES,
                               LossConfig, VQLoss, default_vgg16_path,
@@ -279,6 +279,7 @@ class Run:
     logger: logging.Logger
     run_dir: Path | None = None
     ckpt_path: Path | None = None  # the checkpoint this run starts from (resume or --vq-ckpt)
+    class_to_idx: dict[str, int] | None = None  # the data set's class map, saved with every checkpoint
 
 
 @dataclass
@@ -398,13 +399,25 @@ def build_optimizers(run: Run, models: Models) -> Optimizers:
 def build_data(run: Run) -> tuple[AugmentedImages, ResumableDistributedSampler]:
     """Per-item seeded augmentation, and a sampler that can start mid-epoch."""
     args, info = run.args, run.info
-    base = build_image_dataset(args.dataset, args.data_path, None, args.image_size, split="train")
+    base = build_image_dataset(args.dataset, args.data_path, None, args.image_size, split="train",
+                               class_map=args.class_map)
+    run.class_to_idx = dict(base.class_to_idx)
     dataset = AugmentedImages(base, args.image_size, args.global_seed)
     sampler = ResumableDistributedSampler(len(dataset), info.rank, info.world_size, run.batch_size,
                                           seed=args.global_seed)
     run.logger.info(f"data set {args.dataset}: {len(dataset):,} images, {sampler.batches_per_epoch} steps per "
                     f"epoch at {run.batch_size} per rank")
     return dataset, sampler
+
+
+def check_resumed_classes(run: Run, ckpt: dict) -> None:
+    """A run continued with its full state (not --finetune) must see the class map it was started
+    with: the images are listed in class-id order, so another map changes the data order the run
+    resumes in the middle of. Checkpoints from before the map was saved pass."""
+    if run.args.finetune or not isinstance(ckpt.get("class_to_idx"), dict):
+        return
+    check_class_index(run.class_to_idx, ckpt["class_to_idx"], f"the checkpoint {run.ckpt_path} (the data "
+                      f"set's order follows its class ids)", hint="pass the --class-map the run was started with")
 
 
 def resume(run: Run, ckpt: dict, models: Models, opt: Optimizers, guard: NonFiniteGuard,
@@ -564,6 +577,7 @@ def save(run: Run, models: Models, opt: Optimizers, guard: NonFiniteGuard, pos: 
             "scaler_disc": opt.scaler_disc.state_dict(),
             "code_usage": models.usage.state_dict(),
             "nonfinite": guard.state_dict(),
+            "class_to_idx": run.class_to_idx,
         }
         if models.ema is not None:
             state["ema"] = models.ema.state_dict()
@@ -747,6 +761,8 @@ def main(args: argparse.Namespace, given: Container[str] | None = None) -> None:
     models = build_models(run, ckpt, perceptual)
     opt = build_optimizers(run, models)
     dataset, sampler = build_data(run)
+    if ckpt is not None:
+        check_resumed_classes(run, ckpt)
     open_run_folder(run)
 
     # Resume or fine-tune, then a per-rank seed for a fresh start (DiT):
@@ -821,6 +837,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", type=str, choices=list(IMAGE_DATASETS), default="imagenet",
                    help="class-folder tree (imagenet/folder) or the embedded digits")
     g.add_argument("--data-path", type=str, default=None, help="<root>/<class>/<image> for folder data sets")
+    g.add_argument("--class-map", type=str, default=None, help=CLASS_MAP_HELP)
     g.add_argument("--image-size", type=int, default=256, help="training crop size (official 256 or 512)")
     g.add_argument("--num-workers", type=int, default=16, help="DataLoader workers per rank")
     # Optimisation

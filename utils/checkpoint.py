@@ -88,6 +88,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
 
 
+def load_checkpoint_entries(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The entries `keys` of a checkpoint dict (absent ones left out), for a driver that needs its
+    records (args, class map) before loading the weights: a zip-format file is memory-mapped, so its
+    tensors are never read; a legacy file is loaded whole (`load_checkpoint`, the same errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not memory-mappable (legacy format) or unreadable: load_checkpoint says which
+        ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, Mapping):
+        return {}
+    return {k: ckpt[k] for k in keys if k in ckpt}
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()

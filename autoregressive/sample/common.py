@@ -6,6 +6,8 @@ what they do with the images; model loading, flag names and the generate-then-de
 from __future__ import annotations
 
 import argparse
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +20,7 @@ from autoregressive.decoding.row_rng import RowRNG, image_seeds
 from autoregressive.strategies import (Generation, Strategy, add_strategy_arguments, check_strategy_flags,
                                       get_strategy, model_size_names, strategy_names)
 from tokenizer.registry import codebook, load_tokenizer, size_names
+from utils.checkpoint import load_checkpoint_entries
 from utils.run import given_flags
 
 PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +55,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=384, help="image size the GPT generates at")
     g.add_argument("--image-size-eval", type=int, default=256, help="images are resized to this size")
     g.add_argument("--downsample-size", type=int, default=16, help="tokenizer downsampling factor")
-    g.add_argument("--num-classes", type=int, default=1000, help="number of classes")
+    g.add_argument("--num-classes", type=int, default=1000,
+                   help="number of classes (default: the checkpoint's, where it records them; else 1000)")
     s = p.add_argument_group("sampling")
     s.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--cfg-interval", type=float, default=-1, help="guide only the first tokens (-1 = all)")
@@ -65,6 +69,92 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--global-seed", type=int, default=0, help="seed; each image's seed derives from it and its index")
     s.add_argument("--device", type=str, default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     add_strategy_arguments(p)
+
+
+#: the official `sample_c2i.py` classes (ImageNet ids): the grid's default for a 1000-class model
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+@dataclass
+class CheckpointClasses:
+    """What a GPT checkpoint records about its classes, read before its weights: the class
+    embeddings it was trained with (`num_classes` of its recorded args; release files record none)
+    and its class map (folder name -> id: our training checkpoints carry their codes' map, official
+    files none). The samplers take class names through it and default their classes to it."""
+
+    path: str
+    num_classes: int | None = None
+    class_to_idx: dict[str, int] | None = None
+
+    @classmethod
+    def read(cls, path: str) -> CheckpointClasses:
+        """The records of the checkpoint file `path` (its tensors are not read where the format allows)."""
+        entries = load_checkpoint_entries(path, ("args", "class_to_idx"))
+        args = entries.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else args
+        n = args.get("num_classes") if isinstance(args, Mapping) else None
+        cmap = entries.get("class_to_idx")
+        return cls(str(path), n if isinstance(n, int) and not isinstance(n, bool) else None,
+                   dict(cmap) if isinstance(cmap, Mapping) and cmap else None)
+
+    def resolve(self, args: argparse.Namespace, given: set[str]) -> None:
+        """`--num-classes` not given: the checkpoint's own where it records one. A class map with ids
+        at or above `--num-classes` is refused (a ValueError naming both)."""
+        if "num_classes" not in given and self.num_classes is not None:
+            args.num_classes = self.num_classes
+        if self.class_to_idx and args.num_classes >= 1 and max(self.class_to_idx.values()) >= args.num_classes:
+            top = max(self.class_to_idx.values())
+            raise ValueError(f"--num-classes {args.num_classes} does not cover the class map of {self.path} "
+                             f"({len(self.class_to_idx)} classes, ids up to {top}): pass --num-classes "
+                             f"{self.num_classes or top + 1}")
+
+    def ids(self, num_classes: int) -> list[int]:
+        """The class ids a sampler draws from: those of the class map (the classes that had training
+        images), else 0 .. num_classes - 1."""
+        return sorted(self.class_to_idx.values()) if self.class_to_idx else list(range(num_classes))
+
+    def name_of(self, class_id: int) -> str | None:
+        """The class map's name of `class_id`, or None."""
+        return next((k for k, v in (self.class_to_idx or {}).items() if v == class_id), None)
+
+    def class_id(self, item: str | int, num_classes: int, flag: str = "--classes") -> int:
+        """One class as given on the command line -> its id: an integer is an id (in [0,
+        num_classes), and in the class map when there is one), anything else a name of the class map.
+        A ValueError names the item and what would work (a few known names, the closest ones)."""
+        try:
+            idx = int(item)
+        except ValueError:
+            return self._id_of_name(str(item), num_classes, flag)
+        if not 0 <= idx < num_classes:
+            raise ValueError(f"{flag} {idx}: class ids must lie in [0, --num-classes {num_classes})")
+        if self.class_to_idx and idx not in self.class_to_idx.values():
+            raise ValueError(f"{flag} {idx}: the class map of {self.path} has no class with this id (no training "
+                             f"image had it); its {len(self.class_to_idx)} classes: {self._few()}")
+        return idx
+
+    def _id_of_name(self, name: str, num_classes: int, flag: str) -> int:
+        if not self.class_to_idx:
+            raise ValueError(f"{flag} {name}: the checkpoint {self.path} carries no class map (official release "
+                             f"files have none), so classes are given as ids in [0, {num_classes})")
+        if name in self.class_to_idx:
+            return self.class_to_idx[name]
+        close = difflib.get_close_matches(name, list(self.class_to_idx), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"{flag} {name!r} is no class of the class map of {self.path} ({len(self.class_to_idx)} "
+                         f"classes: {self._few()}){hint}; give one of its names or a class id")
+
+    def _few(self, n: int = 8) -> str:
+        names = sorted(self.class_to_idx or {}, key=lambda k: self.class_to_idx[k])
+        shown = ", ".join(f"{k!r} = {self.class_to_idx[k]}" for k in names[:n])
+        return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+    def grid_classes(self, num_classes: int) -> list[int]:
+        """The grid sampler's classes when none are given: the official ImageNet list for a
+        1000-class model, else every class (up to 16), else the first 8 ids."""
+        ids = self.ids(num_classes)
+        if len(ids) == 1000:
+            return list(IMAGENET_GRID_CLASSES)
+        return ids if len(ids) <= 16 else ids[:8]
 
 
 def sample_plan(num_classes: int, per_class: int, global_seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,8 @@ The image is centre-cropped to `--image-size` and tokenized; the region to regen
 cropped image) or `--outpaint-border K` (the K outer rings of tokens). A token is regenerated when
 its cell touches the region. The other tokens stay as context and the strategy's `edit` generates
 the rest for `--class-id` (the image's own class: inpainting / outpainting; another class:
-class-conditional editing). Output: one row [input, input with the region greyed, K results].
+class-conditional editing; an id, or a name where the checkpoint carries a class map). Output: one
+row [input, input with the region greyed, K results].
 Only strategies that generate in arbitrary orders (arpg, lpd) can edit, and VAR by masked teacher forcing
 over its scales: `--strategy var` tokenizes with its multi-scale VQVAE (`--vq-ckpt`), the token mask
 is the finest scale's and is pooled to the coarser scales (`VarStrategy.known_per_scale`):
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from autoregressive.sample.common import add_sampling_args, load_sampler
+from autoregressive.sample.common import CheckpointClasses, add_sampling_args, load_sampler
 from autoregressive.strategies import get_strategy, parse_driver_args, strategy_names
 from utils.cli import run_cli
 from autoregressive.decoding.row_rng import RowRNG
@@ -44,6 +45,7 @@ from autoregressive.decoding.row_rng import image_seeds
 from utils.shards import to_uint8
 from dataset.transforms import center_crop_arr, to_tensor_normalized
 from utils.distributed import init_distributed
+from utils.run import given_flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +107,10 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     if not strategy.can_edit:
         raise ValueError(f"--strategy {args.strategy} cannot edit images: it only generates in a fixed order "
                          f"(editable: {', '.join(n for n in strategy_names() if get_strategy(n).can_edit)})")
-    if not 0 <= args.class_id < args.num_classes:
-        raise ValueError(f"--class-id must lie in [0, {args.num_classes}), got {args.class_id}")
+    given = given if given is not None else given_flags(build_parser(), args=args)
+    classes = CheckpointClasses.read(args.gpt_ckpt)
+    classes.resolve(args, given)
+    class_id = classes.class_id(args.class_id, args.num_classes, "--class-id")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     try:
@@ -128,7 +132,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     x = to_tensor_normalized(center_crop_arr(image, args.image_size))[None].to(device)  # (1, 3, S, S)
     codes = sampler.vq.encode_to_indices(x)  # (1, N)
     k = args.num_samples
-    labels = torch.full((k,), args.class_id, dtype=torch.long, device=device)
+    labels = torch.full((k,), class_id, dtype=torch.long, device=device)
     seeds = image_seeds(args.global_seed, torch.arange(k)).to(device)
 
     def edit(temperature: float) -> torch.Tensor:  # a fresh stream per image each time: a rerun repeats it
@@ -148,7 +152,9 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(row, nrow=len(row)).save(out)
-    print(f"regenerated {int(regen.sum())} of {grid * grid} tokens for class {args.class_id}; saved {out}")
+    name = classes.name_of(class_id)
+    print(f"regenerated {int(regen.sum())} of {grid * grid} tokens for class {class_id}"
+          f"{f' ({name})' if name else ''}; saved {out}")
     if sampler.strategy.runner.fallback is not None:
         print(sampler.strategy.runner.fallback)
     return out
@@ -160,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(strategy="arpg", image_size=256, cfg_scale=4.0)
     e = p.add_argument_group("editing")
     e.add_argument("--image", type=str, required=True, help="the image to edit (any size; centre-cropped)")
-    e.add_argument("--class-id", type=int, required=True, help="class to generate the region for")
+    e.add_argument("--class-id", type=str, required=True,
+                   help="class to generate the region for: an id, or a name of the checkpoint's class map")
     region = e.add_mutually_exclusive_group(required=True)
     region.add_argument("--mask", type=str, help="PNG of the image's size: white = regenerate")
     region.add_argument("--box", type=str, help="x0,y0,x1,y1: regenerate this box (pixels of the cropped image)")

@@ -5,7 +5,10 @@
         --image-size 384 --cfg-scale 4.0 --top-k 2000 --classes 207 360 387 974 88 979 417 279
 
 Each row of the grid is one class (`--per-class` images); the images are those the DDP sampler
-would make for the same seed and indices.
+would make for the same seed and indices. A `--classes` item is a class id or, for a checkpoint
+that carries a class map (ours do), a class name of it (`--classes 3 dog`); without `--classes` the
+grid shows the official ImageNet ids for a 1000-class model, else the checkpoint's classes (all of
+them up to 16, else the first 8).
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ if __package__ in (None, ""):
 import torch
 from PIL import Image
 
-from autoregressive.sample.common import add_sampling_args, load_sampler
+from autoregressive.sample.common import CheckpointClasses, add_sampling_args, load_sampler
 from autoregressive.strategies import parse_driver_args
 from utils.cli import run_cli
+from utils.run import given_flags
 from autoregressive.decoding.row_rng import image_seeds
 from utils.shards import to_uint8
 from utils.attention_kernels import record_attention_kernels
@@ -43,16 +47,26 @@ def make_grid(images_uint8, nrow: int, pad: int = 2):
     return Image.fromarray(grid)
 
 
+def grid_classes(args: argparse.Namespace, given: set[str]) -> tuple[list[int], CheckpointClasses]:
+    """The grid's class ids (`--classes`: ids or names of the checkpoint's class map; default: the
+    checkpoint's classes), with `--num-classes` taken from the checkpoint when not given."""
+    classes = CheckpointClasses.read(args.gpt_ckpt)
+    classes.resolve(args, given)
+    if not args.classes:
+        return classes.grid_classes(args.num_classes), classes
+    return [classes.class_id(c, args.num_classes) for c in args.classes], classes
+
+
 def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
+    given = given if given is not None else given_flags(build_parser(), args=args)
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    bad = [c for c in args.classes if not 0 <= c < args.num_classes]
-    if bad:
-        raise ValueError(f"--classes {' '.join(map(str, bad))}: class ids must lie in [0, --num-classes "
-                         f"{args.num_classes})")
+    ids, classes = grid_classes(args, given)
     device = init_distributed(args.device).device
     sampler = load_sampler(args, device, given)
-    labels = torch.tensor(args.classes, dtype=torch.long).repeat_interleave(args.per_class)
+    if classes.class_to_idx:
+        print("classes: " + ", ".join(f"{i} ({classes.name_of(i)})" for i in ids))
+    labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(args.per_class)
     seeds = image_seeds(args.global_seed, torch.arange(len(labels)))
     t0 = time.perf_counter()
     with record_attention_kernels() as kernels:
@@ -82,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(cfg_scale=4.0, top_k=2000, image_size_eval=None)
     o = p.add_argument_group("output")
-    o.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
-                   help="class ids, one grid row each")
+    o.add_argument("--classes", type=str, nargs="+", default=None,
+                   help="classes, one grid row each: ids, or names of the checkpoint's class map (default: the "
+                        "official ImageNet ids 207 360 387 974 88 979 417 279 for 1000 classes, else the "
+                        "checkpoint's classes, up to 16)")
     o.add_argument("--per-class", type=int, default=1, help="images per class")
     o.add_argument("--out", type=str, default="sample.png", help="PNG grid path")
     return p

@@ -9,16 +9,22 @@ Eight GPUs (what scripts/autoregressive/sample_c2i.sh runs):
 
 Image i has class `i % num_classes` (50 per class by default; `--labels random` draws labels as the
 official driver does, from the seed) and a seed derived from `--global-seed` and i, so the images do
-not depend on the number of ranks. Finished batches are written as atomic shards; a rerun keeps
-them. Rank 0 packs `<sample-dir>/<name>.npz` (`arr_0` uint8 NHWC, `labels`) and writes
-`<name>.json` with every setting and the checkpoints' SHA-256, and `fast_path_fallback`: null, or
-how many batches `--decode-path auto` decoded eagerly after its fast path failed, and the first error.
+not depend on the number of ranks. `--num-classes` defaults to the checkpoint's; a checkpoint whose
+class map has fewer classes than class embeddings is sampled over the map's classes only. Finished
+batches are written as atomic shards; a rerun keeps them. Rank 0 packs `<sample-dir>/<name>.npz`
+(`arr_0` uint8 NHWC, `labels`) and writes `<name>.json` with every setting and the checkpoints'
+SHA-256, the checkpoint's class map (null for official files), and `fast_path_fallback`: null, or
+how many batches `--decode-path auto` decoded eagerly after its fast path failed, and the first
+error. `<name>` (`run_name`) spells out every setting that changes the images, so two runs that
+differ never share a folder.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -32,36 +38,112 @@ import torch
 
 from autoregressive.decoding.fast_decode import FastPathFallback
 from autoregressive.decoding.row_rng import image_seeds
-from autoregressive.sample.common import add_sampling_args, check_sampling_flags, load_sampler, sample_plan
-from autoregressive.strategies import parse_driver_args
+from autoregressive.sample.common import (CheckpointClasses, add_sampling_args, check_sampling_flags, load_sampler,
+                                         sample_plan)
+from autoregressive.strategies import STRATEGIES, parse_driver_args
+from tokenizer.registry import get_kind
 from utils.attention_kernels import record_attention_kernels
 from utils.checkpoint import file_sha256, save_json
 from utils.cli import run_cli
 from utils.distributed import all_gather_object, barrier, cleanup, init_distributed
 from utils.logger import create_logger, progress
 from utils.memory import peak_memory_text
+from utils.run import given_flags
 from utils.shards import (SettingsMismatch, check_shard_folder, claim_shard_folder, finished_shards, pack_npz,
                           to_uint8, write_pngs, write_shard)
 
 
+def checkpoint_name(gpt_ckpt: str, from_fsdp: bool = False) -> str:
+    """The checkpoint part of a sample name: the file's stem as official (`--from-fsdp`: its folder);
+    a checkpoint of our trainer (`<run>/checkpoints/<step>.pt`) is `<run>-<step>`, since its bare
+    step number would name every run's checkpoint of that step alike."""
+    path = Path(gpt_ckpt)
+    if from_fsdp:
+        return path.parent.name
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return f"{path.parent.parent.name}-{path.stem}"
+    return path.stem
+
+
+def tokenizer_name(args: argparse.Namespace) -> str:
+    """The tokenizer the strategy decodes with: `--vq-model` when it is a size of the strategy's
+    tokenizer kind, else the kind (VAR's multi-scale VQVAE: `MSVQ`, never the unused `VQ-16`)."""
+    kind = get_kind(STRATEGIES[args.strategy].tokenizer_kind)
+    return args.vq_model if args.vq_model in kind.sizes else kind.name.upper()
+
+
+def _value_text(value: object) -> str:
+    """A flag value as file-name text: a path by its stem, JSON lists without brackets or spaces,
+    other characters outside [A-Za-z0-9._,+=-] as '_'; a long value is cut and ends with its hash."""
+    text = str(value)
+    if "/" in text or "\\" in text:
+        text = Path(text).stem
+    text = re.sub(r"[^A-Za-z0-9._,+=-]", "_", re.sub(r"[\[\]\s\"']", "", text))
+    if len(text) > 40:
+        text = f"{text[:24]}~{hashlib.sha256(str(value).encode()).hexdigest()[:8]}"
+    return text
+
+
+def _name_part(flag: str, value: object) -> str:
+    """`flag-value`; a switch is `flag` when on and `no-flag` when off."""
+    if value is True:
+        return flag
+    if value is False:
+        return f"no-{flag}"
+    return f"{flag}-{_value_text(value)}"
+
+
+#: the longest sample name; a longer one is cut and ends with a hash of the whole
+MAX_NAME = 200
+#: the settings the official name spells out (its backbone, see `run_name`)
+NAME_BACKBONE = ("strategy", "gpt_model", "gpt_ckpt", "from_fsdp", "image_size", "image_size_eval", "vq_model",
+                 "top_k", "top_p", "temperature", "cfg_scale", "global_seed")
+
+
 def run_name(args: argparse.Namespace) -> str:
-    """The official folder name, prefixed by the strategy and with the steps when set."""
-    ckpt_name = Path(args.gpt_ckpt).stem if not args.from_fsdp else Path(args.gpt_ckpt).parent.name
-    steps = f"-steps-{args.steps}" if args.steps is not None else ""
-    return (f"{args.strategy}-{args.gpt_model or 'GPT'}-{ckpt_name}-size-{args.image_size}-size-{args.image_size_eval}"
-            f"-{args.vq_model}-topk-{args.top_k}-topp-{args.top_p}-temperature-{args.temperature}"
-            f"-cfg-{args.cfg_scale}{steps}-seed-{args.global_seed}")
+    """The sample folder and `.npz` name: every setting that changes the images, so that two runs
+    that differ never share a folder (a run resumes only a folder of its own settings).
+
+    Backbone, the official LlamaGen pattern prefixed by the strategy:
+    `<strategy>-<gpt-model>-<ckpt>-size-<S>-size-<S_eval>-<tokenizer>-topk-<k>-topp-<p>-temperature-<t>
+    -cfg-<scale>-seed-<seed>`; then the strategy's `image_flags` (its decoding flags, always, as
+    `-<flag>-<value>`, unset ones left out); then, in the parser's order, every other flag that
+    changes the images (all flags but `NOT_IMAGE_SETTINGS`, `MAY_CHANGE` and the backbone) whose
+    value differs from its default, e.g. `-cfg-interval-0.5-labels-random-num-classes-10`. The
+    checkpoints' contents are not in the name: their SHA-256 in the folder's settings refuses a
+    folder of other weights."""
+    ckpt = checkpoint_name(args.gpt_ckpt, args.from_fsdp)
+    parts = [f"{args.strategy}-{args.gpt_model or 'GPT'}-{ckpt}-size-{args.image_size}-size-{args.image_size_eval}"
+             f"-{tokenizer_name(args)}-topk-{args.top_k}-topp-{args.top_p}-temperature-{args.temperature}"
+             f"-cfg-{args.cfg_scale}-seed-{args.global_seed}"]
+    declared = STRATEGIES[args.strategy].image_flags
+    for dest in declared:
+        value = getattr(args, dest, None)
+        if value is not None and value is not False:
+            parts.append(_name_part(dest.replace("_", "-"), value))
+    skip = {*NOT_IMAGE_SETTINGS, *MAY_CHANGE, *NAME_BACKBONE, *declared}
+    for action in build_parser()._actions:
+        dest = action.dest
+        if action.option_strings and dest not in skip and hasattr(args, dest) and getattr(args, dest) != action.default:
+            parts.append(_name_part(dest.replace("_", "-"), getattr(args, dest)))
+    name = "-".join(parts)
+    if len(name) > MAX_NAME:  # file names end at 255 bytes, and `<name>.reproduce.json` is 15 more
+        name = f"{name[:MAX_NAME - 11]}~{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    return name
 
 
-def labels_and_seeds(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+def labels_and_seeds(args: argparse.Namespace, class_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, seeds) of the run's images: image i has class `class_ids[i % C]` (balanced) or a
+    class drawn from the seed (random); `class_ids` defaults to 0 .. --num-classes - 1."""
     total = args.num_fid_samples
+    ids = torch.tensor(class_ids if class_ids is not None else list(range(args.num_classes)), dtype=torch.long)
     if args.labels == "balanced":
-        per_class = math.ceil(total / args.num_classes)
-        labels, seeds = sample_plan(args.num_classes, per_class, args.global_seed)
-        return labels[:total], seeds[:total]
+        per_class = math.ceil(total / len(ids))
+        labels, seeds = sample_plan(len(ids), per_class, args.global_seed)
+        return ids[labels[:total]], seeds[:total]
     seeds = image_seeds(args.global_seed, torch.arange(total))
-    labels = image_seeds(args.global_seed + 1, torch.arange(total)) % args.num_classes
-    return labels, seeds
+    labels = image_seeds(args.global_seed + 1, torch.arange(total)) % len(ids)
+    return ids[labels], seeds
 
 
 #: flags that do not change the images: a sample folder resumes whatever they are (a moved
@@ -90,8 +172,18 @@ def check_sample_folder(folder: Path, settings: dict, per_proc_batch_size: int) 
     check_shard_folder(folder, settings, may_change=MAY_CHANGE)
 
 
+def resolve_classes(args: argparse.Namespace, given: set[str] | None = None) -> CheckpointClasses:
+    """Read the checkpoint's class records before anything else: `--num-classes` defaults to the
+    checkpoint's (so the folder name says it), and a class map must fit it."""
+    given = given if given is not None else given_flags(build_parser(), args=args)
+    classes = CheckpointClasses.read(args.gpt_ckpt)
+    classes.resolve(args, given)
+    return classes
+
+
 def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     # Setup ----------------------------------------------------------------------------------
+    classes = resolve_classes(args, given)
     info = init_distributed(args.device)
     rank, world, device = info.rank, info.world_size, info.device
     name = run_name(args)
@@ -115,7 +207,11 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     sampler.log = logger.info
 
     # Plan -------------------------------------------------------------------------------------
-    labels, seeds = labels_and_seeds(args)
+    class_ids = classes.ids(args.num_classes)
+    if len(class_ids) < args.num_classes:
+        logger.info(f"sampling the {len(class_ids)} classes of the checkpoint's class map (the model has "
+                    f"{args.num_classes} class embeddings)")
+    labels, seeds = labels_and_seeds(args, class_ids)
     total, bs = len(labels), args.per_proc_batch_size
     num_batches = math.ceil(total / bs)
     done = finished_shards(folder)
@@ -150,7 +246,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
     out = Path(args.sample_dir) / f"{name}.npz"
     if rank == 0:
         pack_npz(folder, out, total)
-        save_json(out.with_suffix(".json"), {**settings, "fast_path_fallback": asdict(fallback) if fallback else None})
+        save_json(out.with_suffix(".json"), {**settings, "class_to_idx": classes.class_to_idx,
+                                             "fast_path_fallback": asdict(fallback) if fallback else None})
         logger.info(f"wrote {out} ({total} images, {args.image_size_eval}x{args.image_size_eval})")
     barrier()
     cleanup()

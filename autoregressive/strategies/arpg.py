@@ -51,6 +51,7 @@ class ArpgStrategy(RasterStrategy):
     can_edit = True
     model_sizes = ARPG_SIZES
     official_reader = "hp-l33/ARPG sample_c2i_ddp.py (checkpoint['model'])"
+    image_flags = ("steps", "order", "sample_schedule", "cfg_schedule")
     #: the official schedule (hp-l33/ARPG `train_c2i.py`): 100 warm-up epochs, then a half-cosine
     #: to --min-lr; applied when no lr-schedule flag is given (`--warmup-epochs 0` keeps a constant rate).
     training_recipe = {"lr_schedule": "cosine", "warmup_epochs": 100.0}

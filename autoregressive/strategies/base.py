@@ -55,6 +55,10 @@ class Strategy(ABC):
     #: this strategy's official training recipe for shared driver flags (argparse dest -> value),
     #: applied by the training driver as a whole when the user gave none of these flags.
     training_recipe: dict[str, Any] = {}
+    #: the sampler flags (argparse dests: its own, or the shared decoding flags it reads) that change
+    #: the images it samples; every sample folder name spells them out, even at their defaults (the
+    #: other image settings appear there when they differ from their defaults: `sample_c2i_ddp.run_name`).
+    image_flags: tuple[str, ...] = ()
     #: whether `edit` can regenerate any region (arbitrary-order strategies); the others refuse.
     can_edit: bool = False
     #: official flag aliases this strategy adds (its dest -> the driver's dest); `apply_flag_aliases`.

@@ -79,6 +79,7 @@ class LpdStrategy(Strategy):
     can_edit = True
     model_sizes = LPD_SIZES
     official_reader = "mit-han-lab/lpd main.py --pretrained_ckpt (checkpoint['model'])"
+    image_flags = ("steps", "order", "sample_schedule", "repulsion_threshold", "cfg_schedule")
 
     def __init__(self) -> None:
         # The official sampler's defaults until `configure` reads the flags.

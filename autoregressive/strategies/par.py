@@ -31,6 +31,7 @@ class ParStrategy(RasterStrategy):
     name = "par"
     arch_flags = ("spe_token_num", "ar_token_num")
     official_reader = "YuqingWang1029/PAR autoregressive/sample/sample_c2i_ddp.py (checkpoint['model'])"
+    image_flags = ("spe_token_num", "ar_token_num")
 
     def __init__(self, ar_token_num: int = 4, spe_token_num: int = 3):
         # The official defaults (PAR-4x) until `configure` reads the flags.

@@ -84,6 +84,7 @@ class VarStrategy(Strategy):
     can_edit = True
     model_sizes = VAR_SIZES
     arch_flags = ("depth", "saln", "anorm", "pn")
+    image_flags = ("more_smooth",)
     #: official optimisation flags (`utils/arg_util.py` of FoundationVision/VAR) -> the driver's.
     flag_aliases = {"bs": "global_batch_size", "ep": "epochs", "twd": "weight_decay", "tclip": "max_grad_norm",
                     "fp16": "mixed_precision", "tblr": "lr"}

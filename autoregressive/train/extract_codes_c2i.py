@@ -23,7 +23,8 @@ duplicates). Views: without --ten-crop the ADM centre crop and its mirror (num_a
 crops of an int(S * crop_range) centre crop (num_aug 10). Each file is written atomically.
 
 Beside the codes (`<dataset><S>_codes/`): `codes_meta.json` (tokenizer identity, image size, crop
-setting, num_aug, class map, data set size, skipped images), `class_to_idx.json`, and, written last
+setting, num_aug, class map, data set size, skipped images), `class_to_idx.json` (the class map:
+`--class-map FILE`, else the sorted folder names), and, written last
 by a run that finished, `manifest.json`. A rerun skips the images whose code and label files both
 exist. One code path holds the codes of one tokenizer at one image size and crop setting: adding
 anything else is refused before a file is written.
@@ -48,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from dataset.build import IMAGE_DATASETS, build_image_dataset
+from dataset.build import CLASS_MAP_HELP, IMAGE_DATASETS, build_image_dataset
 from dataset.code_shards import (DEFAULT_SHARD_SIZE, SHARDS_SUFFIX, code_dtype, finished_code_shards, num_shards,
                                  read_shard_settings, shard_range, shard_settings, shards_dir, write_code_shard)
 from dataset.codes import MANIFEST_FILE, META_FILE, META_FORMAT, code_dirs, npy_indices, read_meta
@@ -323,7 +324,7 @@ def open_data(args: argparse.Namespace) -> Dataset:
         raise ExtractError("--dataset digits is embedded (its train split); drop --data-path")
     transform = functools.partial(extraction_transform, image_size=args.image_size, ten_crop=args.ten_crop,
                                   crop_range=args.crop_range, flip=not args.no_flip)
-    data = build_image_dataset(args.dataset, args.data_path, transform, args.image_size)
+    data = build_image_dataset(args.dataset, args.data_path, transform, args.image_size, class_map=args.class_map)
     if len(data) == 0:
         raise DatasetError(f"--dataset {args.dataset} has no images")
     return data
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", type=str, default=None, help="class-folder root <root>/<class>/<image>")
     p.add_argument("--dataset", type=str, default="imagenet", choices=list(IMAGE_DATASETS),
                    help="imagenet / folder: any class-folder tree; digits: the embedded demo set (train split)")
+    p.add_argument("--class-map", type=str, default=None, help=CLASS_MAP_HELP)
     p.add_argument("--code-path", type=str, required=True,
                    help="output root; codes go to <code-path>/<dataset><image-size>_shards (packed) or "
                         "_codes and _labels (--layout official)")

@@ -177,15 +177,21 @@ def open_run(args: argparse.Namespace, rank: int, world: int) -> tuple[Path, Pat
 
 def take_run_settings(args: argparse.Namespace, given: set[str], ckpt: dict, path: Path, data: CodeDataset,
                       logger) -> None:
-    """A resumed run keeps its architecture and schedule flags (a contradicting flag is an error)
-    and must read codes with the class map it was trained on."""
+    """A resumed run keeps its architecture and schedule flags (a contradicting flag is an error);
+    its class map was checked by `check_run_classes`."""
     saved = ckpt["args"]
     flags = arch_flags(saved.get("strategy", args.strategy))
     take_from_checkpoint(args, saved, flags, given, f"the checkpoint being resumed ({path})")
     logger.info("architecture flags taken from the checkpoint: " + ", ".join(f"{k}={getattr(args, k)}" for k in flags))
-    if ckpt.get("class_to_idx") is not None:
-        check_class_index(ckpt["class_to_idx"], data.class_to_idx, f"the codes under {args.code_path}")
     logger.info(f"resuming from {path} (step {ckpt['steps']})")
+
+
+def check_run_classes(args: argparse.Namespace, ckpt: dict | None, data: CodeDataset) -> None:
+    """A resumed run must read codes with the class map it was trained on (the checkpoint's); checked
+    before the run's log is opened, so a refused resume writes nothing."""
+    if ckpt is not None and ckpt.get("class_to_idx") is not None:
+        check_class_index(ckpt["class_to_idx"], data.class_to_idx, f"the codes under {args.code_path}",
+                          hint="extract the codes with the --class-map the run was trained on")
 
 
 def build_state(args: argparse.Namespace, strategy, ckpt: dict | None, path: Path | None, world: int,
@@ -547,6 +553,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path | None
 
     # Experiment folder: a new run, or the run being resumed ---------------------------------
     run_dir, resume_path, ckpt, notes = open_run(args, rank, world)
+    check_run_classes(args, ckpt, data)
     logger = create_logger("train_c2i", run_dir, rank)
     for note in notes:
         logger.warning(note)
