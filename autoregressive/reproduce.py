@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import run_cli
+from utils.run import given_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "pretrained_models" / "presets.json"
@@ -133,7 +134,10 @@ def sample_npz_path(argv: list[str]) -> Path:
     """Where sample_c2i_ddp.py writes the .npz for these flags (its own naming rule)."""
     from autoregressive.sample import sample_c2i_ddp
 
-    args = sample_c2i_ddp.build_parser().parse_args(argv)
+    parser = sample_c2i_ddp.build_parser()
+    args = parser.parse_args(argv)
+    if Path(args.gpt_ckpt).is_file():  # the checkpoint's recorded classes enter the name, as in the sampler
+        sample_c2i_ddp.resolve_classes(args, given_flags(parser, argv))
     return Path(args.sample_dir) / f"{sample_c2i_ddp.run_name(args)}.npz"
 
 
