@@ -1,10 +1,11 @@
-"""Every model's attention stays on SDPA's fused kernels (issue 21, items 1-3).
+"""Every model's attention stays on SDPA's fused kernels (issue 21, items 1-4).
 
 1. Cache and bucket lengths (the key lengths of every decoding step) are multiples of 8, as the
    official FoundationVision/LlamaGen `setup_caches` rounds its cache; the masks hide the extra slots.
 2. A head dim that is not a multiple of 8 (GPT-3B's 100) is zero-padded around SDPA, exactly.
 3. One additive attention mask per decoding step, in the step's dtype with 8-aligned rows, shared by
    every layer (SDPA would otherwise convert and pad a boolean mask in every layer).
+4. Every strategy hands float32 logits to the CFG combine and the sampler, under bf16 weights too.
 
 All on CPU: the lengths, strides and dtypes SDPA receives are what a GPU would receive.
 """
@@ -14,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autoregressive.decoding import group_decode
 from autoregressive.decoding.fast_decode import StepRunner
+from autoregressive.decoding.row_rng import RowRNG
 from autoregressive.models import arpg as arpg_model, gpt as gpt_model, kv_cache, layers
 from autoregressive.models import lpd as lpd_model, var as var_model
 from autoregressive.models.arpg import build_arpg
@@ -271,3 +274,31 @@ def test_one_mask_per_step_shared_by_every_layer(method, monkeypatch):
         f"{method}: {len(built)} masks built or converted for {runner.steps_run} steps"
     assert len(sdpa.calls) > runner.steps_run  # several layers read each step's mask
     assert all(c["mask"] is not None and c["mask"].dtype == c["q_dtype"] for c in sdpa.calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. float32 logits before CFG
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cfg_and_sampling_get_float32_logits_under_bf16_weights(method, monkeypatch):
+    strategy, model, num_classes = fixture_model(method)
+    model = model.to(torch.bfloat16)
+    seen: list[tuple[str, torch.dtype]] = []
+    combine, sample = group_decode.combine_cfg, group_decode.sample_from_logits
+
+    def combine_spy(logits, *a, **kw):
+        seen.append(("combine_cfg", logits.dtype))
+        return combine(logits, *a, **kw)
+
+    def sample_spy(logits, *a, **kw):
+        seen.append(("sample_from_logits", logits.dtype))
+        return sample(logits, *a, **kw)
+
+    monkeypatch.setattr(group_decode, "combine_cfg", combine_spy)
+    monkeypatch.setattr(group_decode, "sample_from_logits", sample_spy)
+    labels = torch.tensor([1, 2]) % num_classes
+    strategy.generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=RowRNG(torch.tensor([3, 4])))
+    assert {name for name, _ in seen} == {"combine_cfg", "sample_from_logits"}
+    assert all(dtype == torch.float32 for _, dtype in seen), f"{method}: {sorted(set(seen))}"

@@ -275,12 +275,12 @@ class LPD(nn.Module):
     def decode_step(self, x: torch.Tensor, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor,
                     num_out: int) -> torch.Tensor:
         """Embedded elements x (B, T, D) written at cache `slots` (T,), attending with `mask` (T, L')
-        bool, L' <= L (the cache slots past L' are hidden) -> logits (B, num_out, V) of the last
-        `num_out` elements (the queries)."""
+        bool, L' <= L (the cache slots past L' are hidden) -> float32 logits (B, num_out, V) of the
+        last `num_out` elements (the queries), for the CFG combine in float32 (as the other models)."""
         mask = attention_bias(mask, compute_dtype(x), cache.max_len)  # (T, L), one for every block
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache.layer(i), slots)
-        return self.head(self.norm(x[:, -num_out:]))
+        return self.head(self.norm(x[:, -num_out:])).float()
 
 
 # ---------------------------------------------------------------------------------------------
