@@ -1,4 +1,4 @@
-"""Every model's attention stays on SDPA's fused kernels (issue 21, items 1-4).
+"""Every model's attention stays on SDPA's fused kernels (issue 21, items 1-4 and 10).
 
 1. Cache and bucket lengths (the key lengths of every decoding step) are multiples of 8, as the
    official FoundationVision/LlamaGen `setup_caches` rounds its cache; the masks hide the extra slots.
@@ -6,6 +6,7 @@
 3. One additive attention mask per decoding step, in the step's dtype with 8-aligned rows, shared by
    every layer (SDPA would otherwise convert and pad a boolean mask in every layer).
 4. Every strategy hands float32 logits to the CFG combine and the sampler, under bf16 weights too.
+10. `build_lpd`, like `build_gpt` and `build_arpg`, lets its keyword arguments override the size table.
 
 All on CPU: the lengths, strides and dtypes SDPA receives are what a GPU would receive.
 """
@@ -302,3 +303,18 @@ def test_cfg_and_sampling_get_float32_logits_under_bf16_weights(method, monkeypa
     strategy.generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=RowRNG(torch.tensor([3, 4])))
     assert {name for name, _ in seen} == {"combine_cfg", "sample_from_logits"}
     assert all(dtype == torch.float32 for _, dtype in seen), f"{method}: {sorted(set(seen))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Builders: keyword arguments override the size table
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build,name", [(build_gpt, "GPT-debug"), (build_arpg, "ARPG-debug"),
+                                        (build_lpd, "LPD-debug")])
+def test_builders_let_keyword_arguments_override_the_size(build, name):
+    model = build(name, dim=64, n_layer=2, n_head=2, vocab_size=32, block_size=16, num_classes=4)
+    c = model.config
+    assert (c.dim, c.n_layer, c.n_head) == (64, 2, 2)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build(
+        name, vocab_size=32, block_size=16, num_classes=4).parameters())

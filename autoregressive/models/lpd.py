@@ -289,14 +289,15 @@ class LPD(nn.Module):
 
 
 def build_lpd(gpt_model: str, **config) -> LPD:
-    """An LPD of a named size; `config` sets the other `LPDConfig` fields (unknown keys: error)."""
+    """An LPD of a named size; `config` sets any `LPDConfig` field, the size's own (dim, n_layer,
+    n_head) included, as `build_gpt` and `build_arpg` let them (unknown keys: error)."""
     if gpt_model not in LPD_SIZES:
         raise ValueError(f"unknown LPD size {gpt_model!r}; known: {', '.join(LPD_SIZES)}")
     known = set(LPDConfig.__dataclass_fields__)
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"unknown LPD config keys: {unknown}")
-    return LPD(LPDConfig(**{**config, **LPD_SIZES[gpt_model]}))
+    return LPD(LPDConfig(**{**LPD_SIZES[gpt_model], **config}))
 
 
 def config_dict(model: LPD) -> dict:
