@@ -255,9 +255,13 @@ def test_a_fully_masked_row_gives_zeros_not_nan(dtype):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_one_mask_per_step_shared_by_every_layer(method, monkeypatch):
+def test_one_mask_per_step_shared_by_every_layer(method, dtype, monkeypatch):
+    """Every step builds one mask (a spy on `attention_bias` everywhere it is imported), in the
+    dtype of the step's queries, and every layer's SDPA call reads an additive mask of that dtype."""
     strategy, model, num_classes = fixture_model(method)
+    model = model.to(dtype)
     built = []
     original = layers.attention_bias
 
@@ -274,7 +278,8 @@ def test_one_mask_per_step_shared_by_every_layer(method, monkeypatch):
     assert runner.steps_run > 0 and len(built) == runner.steps_run, \
         f"{method}: {len(built)} masks built or converted for {runner.steps_run} steps"
     assert len(sdpa.calls) > runner.steps_run  # several layers read each step's mask
-    assert all(c["mask"] is not None and c["mask"].dtype == c["q_dtype"] for c in sdpa.calls)
+    assert set(built) == {dtype}
+    assert all(c["mask"] is not None and c["mask"].dtype == c["q_dtype"] == dtype for c in sdpa.calls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -288,10 +288,13 @@ class ARPG(Float32RopeBuffer):
         """
         b = input_ids.shape[0]
         x = self.embed_drop(self.embeddings(input_ids))  # (B, L, D)
-        same = cross_mask is self_mask
+        dtype, same = compute_dtype(x), cross_mask is self_mask
         if self_mask is not None:
-            self_mask = attention_bias(self_mask, compute_dtype(x))
-        cross_mask = self_mask if same else None if cross_mask is None else attention_bias(cross_mask, compute_dtype(x))
+            self_mask = attention_bias(self_mask, dtype)
+        if same:
+            cross_mask = self_mask
+        elif cross_mask is not None:
+            cross_mask = attention_bias(cross_mask, dtype)
         g = query_rows.shape[-1]
         queries = self.embeddings.weight[self.mask_token_id].expand(b, g, -1)  # (B, G, D)
         if self.pos_embed is not None:

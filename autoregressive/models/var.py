@@ -268,8 +268,8 @@ class VAR(nn.Module):
     def _blocks_and_head(self, h: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None,
                          cache: KVCache | None = None, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Every block, then the head: float32 logits (B, T, V). `mask` (rows of the block-causal
-        bias, at most as wide as the cache) becomes one additive mask for every block, as wide as
-        the cache (its slots past the mask hidden)."""
+        bias, at most as wide as the cache) becomes one additive mask for every block; with a
+        cache it is as wide as the cache, the slots past the given rows hidden."""
         if mask is not None:
             mask = attention_bias(mask, compute_dtype(h), None if cache is None else cache.max_len)
         cond_blocks = self.shared_ada_lin(cond)  # (B, C), or (B, 1, 6, C) shared
