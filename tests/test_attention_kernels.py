@@ -72,7 +72,7 @@ def test_sampling_reports_the_kernels_on_the_eager_and_the_fast_path(ckpts, tmp_
     eager, out = grid(StepRunner(), "eager.png")
     assert "peak RSS" in out
     fast, _ = grid(GraphedSteps(compile=True, emulate=True, compile_backend="eager"), "fast.png")
-    gpt_calls = "(head dim 32, float32, bool mask, cpu) x"  # the tiny raster GPT's decoding steps
+    gpt_calls = "(head dim 32, float32, additive mask, cpu) x"  # the tiny raster GPT's decoding steps (one mask per step)
     assert gpt_calls in eager
     # The compiled steps are traced and replayed unrecorded; one eager call per step function before
     # its capture shows their kernels all the same.

@@ -135,17 +135,19 @@ def test_recorded_logits_are_copies_not_the_replayed_buffer():
 
 
 def test_steps_read_a_prefix_of_the_cache():
-    """A step attends over the slots written so far, rounded up to one of a few lengths; the prefix
-    is a view (writes land in the cache) and the same object each time (a graph may keep it)."""
+    """A step attends over the slots written so far, rounded up to one of a few lengths (multiples
+    of 8); the prefix is a view (writes land in the cache) and the same object each time (a graph
+    may keep it)."""
     from autoregressive.models.kv_cache import KVCache, visible_slots
 
-    assert [visible_slots(w, 257) for w in (1, 33, 34, 256, 257)] == [33, 33, 66, 257, 257]
-    assert [visible_slots(w, 16) for w in (1, 2, 3, 15, 16)] == [2, 2, 4, 16, 16]
+    assert [visible_slots(w, 264) for w in (1, 40, 41, 257, 264)] == [40, 40, 80, 264, 264]
+    assert [visible_slots(w, 64) for w in (1, 8, 9, 63, 64)] == [8, 8, 16, 64, 64]
+    assert [visible_slots(w, 16) for w in (1, 8, 9, 16)] == [8, 8, 16, 16]
     with pytest.raises(ValueError):
         visible_slots(0, 16)
     cache = KVCache(2, 3, 2, 16, 4, dtype=torch.float32, device="cpu")
     view = cache.upto(5)
-    assert view.max_len == 6 and view is cache.upto(6) and cache.upto(16) is cache
+    assert view.max_len == 8 and view is cache.upto(8) and cache.upto(16) is cache
     view.layer(1).update(torch.tensor([5]), torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4))
     assert cache.layer(1).k[:, :, 5].eq(1).all() and cache.layer(1).k.sum() == 3 * 2 * 4
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from autoregressive.models.gpt import official_c2i_kwargs
 from autoregressive.models.kv_cache import KVCache, LayerKVCache
-from autoregressive.models.layers import (FeedForward, Float32RopeBuffer, RMSNorm, apply_rotary_emb,
-                                         precompute_freqs_cis_2d)
+from autoregressive.models.layers import (FeedForward, Float32RopeBuffer, RMSNorm, apply_rotary_emb, attention,
+                                         attention_bias, compute_dtype, precompute_freqs_cis_2d)
 
 
 @dataclass
@@ -82,10 +82,8 @@ class ARPGConfig:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
             dropout_p: float) -> torch.Tensor:
-    """SDPA over (B, H, T, hd) queries and (B, H, S, hd) keys/values -> (B, T, H * hd)."""
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                         is_causal=is_causal and mask is None, dropout_p=dropout_p,
-                                         scale=1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, hd)
+    """`layers.attention` over (B, H, T, hd) queries and (B, H, S, hd) keys/values -> (B, T, H * hd)."""
+    out = attention(q, k, v, mask, is_causal, dropout_p)  # (B, H, T, hd)
     return out.transpose(1, 2).flatten(2)  # (B, T, D)
 
 
@@ -285,10 +283,18 @@ class ARPG(Float32RopeBuffer):
         (G | B x G) -> float32 logits (B, G, V), one row per query.
 
         Masks are boolean (True = attend), (L, L | S) for the self blocks and (G, L | S) for the
-        cross blocks; `is_causal` = top-left causal in both when no mask is given.
+        cross blocks, each turned into one additive mask here for all its blocks (one for both
+        when they are the same tensor); `is_causal` = top-left causal in both when no mask is given.
         """
         b = input_ids.shape[0]
         x = self.embed_drop(self.embeddings(input_ids))  # (B, L, D)
+        dtype, same = compute_dtype(x), cross_mask is self_mask
+        if self_mask is not None:
+            self_mask = attention_bias(self_mask, dtype)
+        if same:
+            cross_mask = self_mask
+        elif cross_mask is not None:
+            cross_mask = attention_bias(cross_mask, dtype)
         g = query_rows.shape[-1]
         queries = self.embeddings.weight[self.mask_token_id].expand(b, g, -1)  # (B, G, D)
         if self.pos_embed is not None:

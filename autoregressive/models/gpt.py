@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.kv_cache import KVCache
-from autoregressive.models.layers import Float32RopeBuffer, RMSNorm, TransformerBlock, precompute_freqs_cis_2d
+from autoregressive.models.layers import (Float32RopeBuffer, RMSNorm, TransformerBlock, attention_bias, compute_dtype,
+                                         precompute_freqs_cis_2d)
 
 
 @dataclass
@@ -149,8 +150,11 @@ class Transformer(Float32RopeBuffer):
         """Input embeddings h (B, T, D) -> float32 logits (B, T, V) through every block.
 
         The hook that subclasses (PAR's special tokens) and strategies build on; `freqs_cis`,
-        `mask`, `is_causal`, `cache`, `cache_pos` as in `layers.Attention.forward`.
+        `mask`, `is_causal`, `cache`, `cache_pos` as in `layers.Attention.forward`, except that
+        `mask` (boolean, True = attend) is turned into one additive mask here for every layer.
         """
+        if mask is not None:
+            mask = attention_bias(mask, compute_dtype(h))
         for i, layer in enumerate(self.layers):
             kv = cache.layer(i) if cache is not None else None
             h = layer(h, freqs_cis, mask, is_causal, kv, cache_pos)  # (B, T, D)

@@ -9,11 +9,25 @@ arbitrary grid cells (ARPG: the slot is the generation step, the 2-D position tr
 the RoPE rows). A step attends over a prefix of the cache, `cache.upto(written)`: the slots written
 so far rounded up to one of a few lengths, with a boolean mask over that prefix hiding what it may
 not see. Shapes stay static within a bucket (CUDA-graph friendly, as in the official
-`setup_caches`), and early steps do not read the empty end of the cache.
+`setup_caches`), and early steps do not read the empty end of the cache. Cache lengths and bucket
+lengths are multiples of `SDPA_ALIGN` (the official FoundationVision/LlamaGen
+`autoregressive/models/gpt.py` `setup_caches` rounds its cache up to a multiple of 8): the fused
+attention kernels want the key length, hence the rows of an attention mask over it, 8-aligned.
 """
 from __future__ import annotations
 
 import torch
+
+#: Key lengths, mask rows and head dims are padded to a multiple of this many elements: the
+#: memory-efficient and flash attention kernels need it (otherwise SDPA pads the mask on every
+#: call, or falls back to the math kernel).
+SDPA_ALIGN = 8
+
+
+def find_multiple(n: int, k: int) -> int:
+    """The smallest multiple of k that is >= n (n >= 0). Plain arithmetic, no branch: on symbolic
+    sizes under `torch.compile` it adds no guard."""
+    return -(-n // k) * k
 
 
 class LayerKVCache:
@@ -44,13 +58,14 @@ VISIBLE_BUCKETS = 8
 
 def visible_slots(written: int, max_len: int, buckets: int = VISIBLE_BUCKETS) -> int:
     """The leading slots a step reads once `written` slots hold keys: `written` rounded up to a
-    multiple of ceil(max_len / buckets), at most max_len. Reading a prefix instead of the whole
-    cache saves bandwidth early in the sequence; the few lengths keep the number of distinct step
-    shapes (one CUDA graph each) small."""
+    multiple of ceil(max_len / buckets) rounded up to `SDPA_ALIGN`, at most max_len. Reading a
+    prefix instead of the whole cache saves bandwidth early in the sequence; the few lengths keep
+    the number of distinct step shapes (one CUDA graph each) small; every length is a multiple of
+    `SDPA_ALIGN` when max_len is (as every `KVCache`'s is)."""
     if not 0 < written <= max_len:
         raise ValueError(f"{written} written slots for a cache of {max_len}")
-    step = -(-max_len // buckets)
-    return min(max_len, -(-written // step) * step)
+    step = find_multiple(-(-max_len // buckets), SDPA_ALIGN)
+    return min(max_len, find_multiple(written, step))
 
 
 class KVCache:
@@ -60,13 +75,15 @@ class KVCache:
         n_layer: number of attention layers that cache (one slice each).
         batch_size: rows (e.g. 2B when the two CFG halves run in one batch).
         n_kv_head, head_dim: key/value heads and their width.
-        max_len: number of slots L; slot t holds sequence element t.
+        max_len: number of slots needed; slot t holds sequence element t. The cache holds L =
+            max_len rounded up to a multiple of `SDPA_ALIGN` (`self.max_len`); the extra slots are
+            never written, and every mask over the cache hides them (they lie after every position).
         dtype, device: of the storage (normally those of the model weights).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
+        shape = (batch_size, n_kv_head, find_multiple(max_len, SDPA_ALIGN), head_dim)
         # One tensor per layer, not views of one: a compiled step then sees inputs that do not
         # alias each other, and writes each layer's slots in place.
         self._layers = [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),

@@ -4,7 +4,9 @@ RMSNorm -> 2-D RoPE -> attention (mask, KV cache) -> SwiGLU feed-forward -> Drop
 Numerics follow the official code (FoundationVision/LlamaGen
 `autoregressive/models/gpt.py`): RMSNorm in float32 with eps 1e-5, RoPE applied in float32 to q
 and k, fused `wqkv` without bias, SDPA with scale 1/sqrt(head_dim). PAR and NPP reuse these
-blocks unchanged; ARPG and LPD reuse the norm, RoPE, feed-forward and the KV cache.
+blocks unchanged; ARPG and LPD reuse the norm, RoPE, feed-forward and the KV cache. Every model
+of the project attends through `attention` (and builds its masks with `attention_bias`), the one
+place that keeps SDPA on its fused kernels.
 
 Notation: B batch, T sequence length (or G new elements in a decode step), D model width,
 H heads, hd head width, L KV-cache length.
@@ -17,12 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoregressive.models.kv_cache import LayerKVCache
-
-
-def find_multiple(n: int, k: int) -> int:
-    """The smallest multiple of k that is >= n."""
-    return n if n % k == 0 else n + k - (n % k)
+from autoregressive.models.kv_cache import SDPA_ALIGN, LayerKVCache, find_multiple
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +105,62 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention's q, k, v get from input x: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> torch.Tensor:
+    """A boolean (True = attend) or additive mask (..., Q, S) -> the additive mask SDPA reads:
+    0 where attended, -inf elsewhere, in `dtype`, `width` columns (default S; columns past S are
+    hidden). Built once per step (or forward) and shared by every layer.
+
+    The storage of each row is padded to a multiple of `SDPA_ALIGN` elements and the result is a
+    view of its first `width` columns, which is what the memory-efficient kernel needs (SDPA would
+    otherwise convert and pad the mask again in every layer; compiled code has failed with "attn_bias
+    is not correctly aligned"). A row with no attended column gives zeros, as SDPA gives for a
+    boolean mask (which it turns into this same additive mask); no decoding mask has such a row.
+    """
+    s = mask.shape[-1]
+    width = s if width is None else width
+    if width < s:
+        raise ValueError(f"a mask of {s} columns cannot be narrowed to {width} here; slice it first")
+    storage = torch.full((*mask.shape[:-1], find_multiple(width, SDPA_ALIGN)), float("-inf"), dtype=dtype,
+                         device=mask.device)
+    bias = storage[..., :width]
+    if mask.dtype == torch.bool:
+        bias[..., :s].masked_fill_(mask, 0.0)
+    else:
+        bias[..., :s].copy_(mask)
+    return bias
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` for every model: q (B, H, T, hd), k and v (B, H, S, hd)
+    (cast to q's dtype) -> (B, H, T, hd).
+
+    `mask` should come from `attention_bias` in q's dtype; any other mask (boolean, another dtype)
+    is converted here, in every call. A head dim that is not a multiple of `SDPA_ALIGN` (GPT-3B's
+    100) would send SDPA to the math kernel, which upcasts bf16 to float32: q, k, v are zero-padded
+    to the next multiple and the output sliced back, with the scale given explicitly (default
+    1/sqrt(hd) of the unpadded head dim), so the scores are the same dot products.
+    """
+    hd = q.shape[-1]
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if mask is not None and mask.dtype != q.dtype:
+        mask = attention_bias(mask, q.dtype)
+    pad = find_multiple(hd, SDPA_ALIGN) - hd
+    if pad:
+        q, k, v = (F.pad(z, (0, pad)) for z in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                         dropout_p=dropout_p, scale=scale)  # (B, H, T, hd + pad)
+    return out[..., :hd] if pad else out
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused `wqkv` projection, 2-D RoPE and an optional KV cache.
 
@@ -136,8 +189,9 @@ class Attention(nn.Module):
 
         Args:
             freqs_cis: RoPE rows of the T elements, (T, hd/2, 2) or (B, T, hd/2, 2).
-            mask: boolean (True = attend) or additive float mask broadcastable to (B, H, T, S),
-                S = T without a cache, S = L with one. None with `is_causal` = plain causal.
+            mask: additive mask from `attention_bias` (a boolean one, True = attend, is converted
+                in every call) broadcastable to (B, H, T, S), S = T without a cache, S = L with
+                one. None with `is_causal` = plain causal.
             kv_cache: when given, the new keys/values are written at the slots `cache_pos` (T,)
                 and the attention reads the whole cache (hide unwritten slots with `mask`).
         """
@@ -156,11 +210,7 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
-        out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.head_dim),
-        )  # (B, H, T, hd)
+        out = attention(q, k, v, mask, is_causal, self.attn_dropout_p if self.training else 0.0)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(b, t, self.dim)  # (B, T, D)
         return self.resid_dropout(self.wo(out))
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.kv_cache import KVCache, LayerKVCache
+from autoregressive.models.layers import attention, attention_bias, compute_dtype
 
 
 @dataclass
@@ -90,12 +91,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: LayerKVCache | None = None,
                 cache_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D); `mask` bool (True = attend) over (T, T), or (T, L) with a cache."""
+        """x (B, T, D) -> (B, T, D); `mask` additive (`layers.attention_bias`) over (T, T), or (T, L)
+        with a cache."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_pos, k, v)  # (B, H, L, hd)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (B, H, T, hd)
+        out = attention(q, k, v, mask)  # (B, H, T, hd), scale 1/sqrt(hd) as the official fused attention
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -251,7 +253,7 @@ class LPD(nn.Module):
             logits (B, N, V), row t for cell `orders[:, t]`; the mean cross-entropy or None.
         """
         x = self.training_sequence(codes, labels, orders, group_sizes, drop)  # (B, T, D)
-        mask = group_attention_mask(group_sizes, device=x.device)  # (T, T)
+        mask = attention_bias(group_attention_mask(group_sizes, device=x.device), compute_dtype(x))  # (T, T)
         for block in self.blocks:
             x = block(x, mask)
         logits = self.head(self.norm(x[:, -codes.shape[1]:]))  # (B, N, V)
@@ -272,11 +274,13 @@ class LPD(nn.Module):
 
     def decode_step(self, x: torch.Tensor, cache: KVCache, slots: torch.Tensor, mask: torch.Tensor,
                     num_out: int) -> torch.Tensor:
-        """Embedded elements x (B, T, D) written at cache `slots` (T,), attending with `mask` (T, L)
-        bool -> logits (B, num_out, V) of the last `num_out` elements (the queries)."""
+        """Embedded elements x (B, T, D) written at cache `slots` (T,), attending with `mask` (T, L')
+        bool, L' <= L (the cache slots past L' are hidden) -> float32 logits (B, num_out, V) of the
+        last `num_out` elements (the queries), for the CFG combine in float32 (as the other models)."""
+        mask = attention_bias(mask, compute_dtype(x), cache.max_len)  # (T, L), one for every block
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache.layer(i), slots)
-        return self.head(self.norm(x[:, -num_out:]))
+        return self.head(self.norm(x[:, -num_out:])).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,14 +289,15 @@ class LPD(nn.Module):
 
 
 def build_lpd(gpt_model: str, **config) -> LPD:
-    """An LPD of a named size; `config` sets the other `LPDConfig` fields (unknown keys: error)."""
+    """An LPD of a named size; `config` sets any `LPDConfig` field, the size's own (dim, n_layer,
+    n_head) included, as `build_gpt` and `build_arpg` let them (unknown keys: error)."""
     if gpt_model not in LPD_SIZES:
         raise ValueError(f"unknown LPD size {gpt_model!r}; known: {', '.join(LPD_SIZES)}")
     known = set(LPDConfig.__dataclass_fields__)
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"unknown LPD config keys: {unknown}")
-    return LPD(LPDConfig(**{**config, **LPD_SIZES[gpt_model]}))
+    return LPD(LPDConfig(**{**LPD_SIZES[gpt_model], **config}))
 
 
 def config_dict(model: LPD) -> dict:

@@ -199,7 +199,8 @@ class PARTransformer(Transformer):
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """Default length N: decoding feeds slots 0..N-1 only (class, every token but the last
-        group's, the M tokens), so the official 1 + N (rounded up to 8) is not needed."""
+        group's, the M tokens), so the official 1 + N is not needed (the cache rounds N up to a
+        multiple of 8, as the official `setup_caches` rounds its length)."""
         return super().new_cache(batch_size, max_len or self.config.block_size, dtype)
 
     def decode_step(self, idx: torch.Tensor, cache: KVCache, input_pos: torch.Tensor,

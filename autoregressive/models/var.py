@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoregressive.models.kv_cache import KVCache, LayerKVCache
-from autoregressive.models.layers import DropPath
+from autoregressive.models.layers import DropPath, attention, attention_bias, compute_dtype
 from tokenizer.msvq import PATCH_NUMS, parse_patch_nums
 
 #: `--gpt-model` names: the released depths (`models/__init__.py: build_vae_var` sizing rule) and VAR-debug.
@@ -124,8 +124,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: LayerKVCache | None = None,
                 cache_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). `mask` is additive (0 / -inf), broadcastable to (B, H, T, S);
-        with `kv_cache` the new keys/values go to slots `cache_pos` (T,) and S = L."""
+        """x (B, T, C) -> (B, T, C). `mask` is additive (0 / -inf, from `layers.attention_bias`),
+        broadcastable to (B, H, T, S); with `kv_cache` the new keys/values go to slots `cache_pos`
+        (T,) and S = L."""
         b, t, c = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
@@ -136,9 +137,8 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_pos, k, v)  # (B, H, L, hd); k cached already normalised
-        out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=None if mask is None else mask.to(q.dtype),
-            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)  # (B, H, T, hd)
+        out = attention(q, k, v, mask, dropout_p=self.attn_drop if self.training else 0.0,
+                        scale=self.scale)  # (B, H, T, hd)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -267,6 +267,11 @@ class VAR(nn.Module):
 
     def _blocks_and_head(self, h: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None,
                          cache: KVCache | None = None, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Every block, then the head: float32 logits (B, T, V). `mask` (rows of the block-causal
+        bias, at most as wide as the cache) becomes one additive mask for every block; with a
+        cache it is as wide as the cache, the slots past the given rows hidden."""
+        if mask is not None:
+            mask = attention_bias(mask, compute_dtype(h), None if cache is None else cache.max_len)
         cond_blocks = self.shared_ada_lin(cond)  # (B, C), or (B, 1, 6, C) shared
         for i, block in enumerate(self.blocks):
             h = block(h, cond_blocks, mask, None if cache is None else cache.layer(i), cache_pos)
@@ -303,7 +308,8 @@ class VAR(nn.Module):
     # -- sampling -------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache for the whole sequence (L slots) of `batch_size` rows (`max_len`: None or L)."""
+        """A KV cache for the whole sequence (L slots, rounded up as every `KVCache`) of
+        `batch_size` rows (`max_len`: None or L)."""
         w = self.head.weight
         cfg = self.config
         if max_len not in (None, cfg.L):
@@ -321,7 +327,7 @@ class VAR(nn.Module):
         begin, end = self.begin_ends[si]
         h, cond = self._embed(labels, x, begin, end)  # (B, G, C)
         pos = torch.arange(begin, end, device=h.device)
-        mask = self.attn_bias_for_masking[:, :, begin:end, :cache.max_len]  # (1, 1, G, L'): L' = the slots read
+        mask = self.attn_bias_for_masking[:, :, begin:end, :cache.max_len]  # (1, 1, G, <= L'): L' = the slots read
         return self._blocks_and_head(h, cond, mask, cache, pos)
 
     # -- init -----------------------------------------------------------------------------------

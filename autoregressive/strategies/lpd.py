@@ -278,6 +278,8 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
         x = torch.cat([x_prev, model.embed_queries(next_pos, b * reps)], dim=1)  # (B', P + G, D)
         slots = torch.arange(bounds[g], bounds[g + 2], device=device)
         seen = cache.upto(bounds[g + 2])  # the slots written so far (a prefix of the cache)
+        # The rows of the new elements over the visible slots (the cache may be wider than the
+        # mask: `decode_step` hides the slots past it).
         logits = run(model.decode_step, x, seen, slots, mask[slots, :seen.max_len],
                      next_pos.shape[-1])  # (B', G, V)
         if record_head is not None:
