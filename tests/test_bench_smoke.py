@@ -255,4 +255,4 @@ def test_gpu_check_appends_one_dated_section_with_the_device(tmp_path):
 def test_bench_sample_kernel_report():
     out = run_bench_sample("--cases", "raster", "--kernel-report", "--decode-paths", "eager")
     line = next(x for x in out.splitlines() if "attention kernels:" in x)
-    assert line.startswith("raster") and "(head dim 32, float32, bool mask, cpu) x" in line
+    assert line.startswith("raster") and "(head dim 32, float32, additive mask, cpu) x" in line  # one mask per step
