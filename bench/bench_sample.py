@@ -36,9 +36,11 @@ without the flag, an unlisted GPU). The header prints the bandwidth assumed and 
 until out of memory or `--max-batch`, and reports the largest batch that ran, marked `*`.
 `--results FILE` appends the run (date, device, command, settings, table) to a Markdown file.
 
-Peak memory is `torch.cuda.max_memory_allocated` on CUDA (weights, caches, graph pools) and the
-growth of the process's peak RSS on CPU (a coarse figure). A case whose strategy is not registered
-is reported as skipped.
+Peak memory is `torch.cuda.max_memory_allocated` on CUDA (weights, caches, graph pools), reset
+before each path's measurement, so the eager and the fast rows each show their own peak, and the
+growth of the process's peak RSS on CPU (a coarse figure). `graph out MiB` is what the graph paths
+keep for their steps' outputs: one buffer per step function, shared by all its graphs (0 on the
+eager path). A case whose strategy is not registered is reported as skipped.
 """
 from __future__ import annotations
 
@@ -287,6 +289,7 @@ def timed(strategy, run, path: str, batch: int, args: argparse.Namespace, device
         result = measure(run, batch, args, device, warmup)
         result["kv_bytes"] = strategy.runner.kv_bytes_per_step  # the cache prefixes the steps read
         result["graphs"] = getattr(strategy.runner, "captures", 0)  # graphs the path captured
+        result["graph_out_mb"] = getattr(strategy.runner, "output_bytes", 0) / 2**20  # their shared outputs
     except RuntimeError as e:
         if not is_oom(e):
             raise
@@ -337,7 +340,7 @@ def make_row(case: Case, model_name: str, path: str, batch: int, steps: int, r: 
 def columns(device: torch.device) -> list[str]:
     mem = "peak MiB" if device.type == "cuda" else "peak RSS +MiB"
     return ["case", "model", "path", "batch", "steps", "images/s", "s/image", "ms/step", mem,
-            "floor ms/step", "x floor", "vs eager", "vs raster", "tokens sha256"]
+            "graph out MiB", "floor ms/step", "x floor", "vs eager", "vs raster", "tokens sha256"]
 
 
 def cells(row: dict) -> list[str]:
@@ -351,12 +354,13 @@ def cells(row: dict) -> list[str]:
     x = row["x_floor"]
     return [row["case"], row["model"], row["path"], f"{row['batch']}{'*' if row['largest_batch'] else ''}",
             str(row["steps"]), f"{row['images_per_s']:.2f}", f"{row['latency_per_image']:.4g}",
-            f"{row['ms_per_step']:.4g}", f"{row['peak_mem_mb']:.1f}", num(row["floor_ms"], ".3g"),
+            f"{row['ms_per_step']:.4g}", f"{row['peak_mem_mb']:.1f}", f"{row['graph_out_mb']:.1f}",
+            num(row["floor_ms"], ".3g"),
             num(x, ".1f" if x is not None and x < 100 else ".0f"), times(row["vs_eager"]),
             times(row["speedup_vs_raster"]), row["tokens_sha"]]
 
 
-WIDTHS = [14, 10, 11, 6, 5, 10, 9, 9, 13, 13, 8, 8, 9, 13]
+WIDTHS = [14, 10, 11, 6, 5, 10, 9, 9, 13, 13, 13, 8, 8, 9, 13]
 
 
 def console_line(values: list[str]) -> str:

@@ -110,6 +110,7 @@ def test_bench_sample_every_path_beside_eager(monkeypatch, capsys, tmp_path):
         ("par-4x", "eager"), ("par-4x", "cuda-graphs (emulated)")]
     eager, graphs = rows[0], rows[1]
     assert graphs["graphs"] > 0 and eager["graphs"] == 0
+    assert graphs["graph_out_mb"] > 0 and eager["graph_out_mb"] == 0  # the graphs' shared output buffers
     assert graphs["vs_eager"] == pytest.approx(graphs["images_per_s"] / eager["images_per_s"])
     assert graphs["kv_bytes"] == eager["kv_bytes"] > 0  # the same cache prefixes either way
     assert graphs["floor_ms"] == pytest.approx((graphs["weight_bytes"] + graphs["kv_bytes"]) / 20e9 * 1e3)

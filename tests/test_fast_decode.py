@@ -11,6 +11,7 @@ backend and `fullgraph=True`, which fails on any graph break.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 
 import pytest
@@ -248,3 +249,128 @@ def test_gpu_decoding_loop_does_not_synchronise(method, monkeypatch):
         generate(strategy, model, num_classes, 4, False, 1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the persistent path keeps between steps and batches: outputs, streams, caches
+# ---------------------------------------------------------------------------------------------
+
+
+# a larger batch after a smaller one: its outputs outgrow the shared buffer
+GROWING = [(2, True), (2, False), (3, True), (2, True)]
+
+
+def test_graphs_of_one_step_function_share_one_output_buffer():
+    """LPD's decode step has one output shape per group size and batch size: every graph writes a
+    view at the start of one buffer (the same storage), and the tokens stay the eager ones."""
+    runner = GraphedSteps(emulate=True)
+    assert_same_tokens_as_eager("lpd", runner, calls=GROWING)
+    outputs = [s.output for s in runner._steps.values()]
+    assert len({tuple(o.shape) for o in outputs}) >= 2  # batch 2 and 3, with CFG
+    assert len({o.untyped_storage().data_ptr() for o in outputs}) == 1
+    assert all(o.data_ptr() == outputs[0].untyped_storage().data_ptr() for o in outputs)  # each at the start
+    [buffer] = runner._outputs.values()
+    assert max(o.numel() for o in outputs) <= buffer.numel() < 2 * max(o.numel() for o in outputs)
+    assert runner.output_bytes == buffer.numel() * buffer.element_size()
+
+
+class Toy(torch.nn.Module):
+    """A step function whose output has as many rows as its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.arange(1.0, 5.0))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, None] * self.w  # (R, 4)
+
+
+def test_a_larger_output_grows_the_buffer_and_moves_the_earlier_graphs_onto_it():
+    toy, runner = Toy(), GraphedSteps(emulate=True)
+    sizes = []
+    for rows in (1, 2, 3, 9, 2, 1):  # outputs of 4, 8, 12, 36 elements: the buffer 4 -> 8 -> 16 -> 36
+        x = torch.arange(float(rows)) + rows
+        assert torch.equal(runner(toy.step, x), toy.step(x))  # replayed from the grown buffer
+        sizes.append(runner.output_bytes // 4)
+    assert sizes == [4, 8, 16, 36, 36, 36] and runner.captures == 4
+    [buffer] = runner._outputs.values()
+    assert all(s.output.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+               for s in runner._steps.values())
+
+
+class FakeCuda:
+    """Stand-ins for the `torch.cuda` calls of a real capture, recording what they were given, so
+    that the capture path's bookkeeping runs on CPU (the "graph" body runs once, eagerly)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.streams, self.graphs = [], []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                fake.streams.append(self)
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, stream=None):
+            fake.graphs.append((g, pool, stream))
+            yield
+
+        current = Stream.__new__(Stream)  # the device's current stream: not made by the runner
+        for name, value in {"Stream": Stream, "CUDAGraph": Graph, "graph": graph,
+                            "current_stream": lambda device=None: current,
+                            "stream": lambda s: contextlib.nullcontext(),
+                            "graph_pool_handle": lambda: ("pool",)}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_every_capture_runs_on_one_side_stream_made_once(monkeypatch):
+    """Warm-ups and captures (re-captures into a grown buffer included) of a runner share one side
+    stream, made on first use, and one memory pool."""
+    fake = FakeCuda(monkeypatch)
+    toy, runner = Toy(), GraphedSteps()
+    monkeypatch.setattr(GraphedSteps, "_graph_device", lambda self, args: torch.device("cuda", 0))
+    for rows in (1, 2, 3, 2):
+        runner(toy.step, torch.ones(rows))
+    assert runner.captures == 3 and runner.recaptures == 1 + 2  # the 1-row graph once, then both earlier ones
+    assert len(fake.streams) == 1 and len(fake.graphs) == 3 + 3
+    assert all(stream is fake.streams[0] and pool == ("pool",) for _, pool, stream in fake.graphs)
+    assert runner._side_stream(torch.device("cuda", 0)) is fake.streams[0] and len(fake.streams) == 1
+    runner.reset()  # graphs and buffers go; the stream stays
+    runner(toy.step, torch.ones(2))
+    assert len(fake.streams) == 1 and fake.graphs[-1][2] is fake.streams[0]
+
+
+@pytest.mark.parametrize("method", ["raster", "lpd"])
+def test_a_non_finite_value_left_in_a_persistent_cache_does_not_reach_the_next_batch(method):
+    """A NaN in the last cache slot (hidden by the masks until the last step writes it) times a zero
+    attention weight is still NaN: each call starts from a zeroed cache and gives the eager tokens."""
+    strategy, model, num_classes = fixture_model(method)
+    calls = [(3, False), (3, True)]
+    eager = [generate(strategy, model, num_classes, b, greedy, i) for i, (b, greedy) in enumerate(calls)]
+    strategy.runner = runner = GraphedSteps(emulate=True)
+    assert torch.equal(generate(strategy, model, num_classes, *calls[0], 0), eager[0])
+    [(_, cache)] = runner._caches.values()
+    for layer in cache._layers:
+        layer.k[:, :, -1] = float("nan")
+        layer.v[:, :, -1] = float("inf")
+    assert torch.equal(generate(strategy, model, num_classes, *calls[1], 1), eager[1])
+
+
+@needs_cuda
+def test_gpu_graphs_share_their_output_buffer_and_one_side_stream():
+    """Real CUDA graphs: a grown output buffer re-captures the earlier graphs into it (recording
+    only), and the tokens stay the eager ones."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    runner = make_runner("cuda-graphs", "cuda")
+    assert_same_tokens_as_eager("lpd", runner, device="cuda", calls=GROWING)
+    outputs = [s.output for s in runner._steps.values()]
+    assert len({o.untyped_storage().data_ptr() for o in outputs}) == 1 and runner.recaptures > 0
+    assert list(runner._side_streams) == [torch.device("cuda", 0)]

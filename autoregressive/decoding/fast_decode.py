@@ -5,11 +5,14 @@ takes its KV cache from it; nothing else about a strategy changes between the pa
 
 - `eager` (the reference, and the only path on CPU): a fresh zeroed cache per `generate` call,
   every step a plain call of the model.
-- `cuda-graphs`: the caches persist across calls (one per model, batch rows and length; slots not
-  written yet are hidden by the attention masks, so stale values from a previous batch are never
-  read) and each distinct step — the same model function on inputs of the same shapes — is
-  captured once as a CUDA graph with static input buffers and then only replayed: a step costs
-  one graph launch instead of a few hundred kernel launches.
+- `cuda-graphs`: the caches persist across calls (one per model, batch rows and length, zeroed at
+  the start of every call: slots not written yet are hidden by the attention masks, but a masked
+  NaN or inf left by an earlier batch would still poison the weighted sum, NaN * 0 being NaN) and
+  each distinct step — the same model function on inputs of the same shapes — is captured once as
+  a CUDA graph with static input buffers and then only replayed: a step costs one graph launch
+  instead of a few hundred kernel launches. Every graph of one step function writes its output
+  into one shared buffer (`GraphedSteps` says how it grows), and every warm-up and capture runs
+  on one side stream per runner and device.
 - `compiled`: the same, with each step function compiled by `torch.compile` (inductor, automatic
   dynamic shapes so that the parallel strategies' group sizes share one compilation) before it
   is captured, which fuses the normalisation, RoPE and activation kernels.
@@ -91,14 +94,16 @@ class StepRunner:
 
 
 class _CapturedStep:
-    """One step function at one input signature: static input buffers, a graph, its output."""
+    """One step function at one input signature: static input buffers, a graph, and its output: a
+    view of the step function's shared output buffer (`GraphedSteps._output_view`)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], graph: "torch.cuda.CUDAGraph | None", static: list,
-                 output: torch.Tensor):
+                 output: torch.Tensor, outputs_key: tuple):
         self.fn = fn
         self.graph = graph  # None: emulated (CPU tests)
         self.static = static  # the arguments the graph reads; tensors are the static buffers
         self.output = output
+        self.outputs_key = outputs_key  # which shared output buffer `output` is a view of
 
     def replay(self, args: tuple) -> torch.Tensor:
         for buf, a in zip(self.static, args):
@@ -106,7 +111,7 @@ class _CapturedStep:
                 buf.copy_(a)
         if self.graph is not None:
             self.graph.replay()
-        else:  # emulation: recompute from the static buffers into the same output tensor
+        else:  # emulation: recompute from the static buffers into the same output view
             self.output.copy_(self.fn(*self.static))
         return self.output
 
@@ -132,8 +137,24 @@ def _arg_key(a: Any) -> tuple:
     raise TypeError(f"a step argument must be a tensor, a KV cache, a module or a plain value, got {type(a).__name__}")
 
 
+def _cache_tensors(cache: KVCache) -> list[torch.Tensor]:
+    """Every key and value tensor a cache owns (one pair per layer)."""
+    return [t for layer in cache._layers for t in (layer.k, layer.v)]
+
+
 class GraphedSteps(StepRunner):
     """Persistent caches and one captured graph per (step function, argument shapes).
+
+    Output memory: the graphs of one step function (its code and the module it is bound to, per
+    output dtype and device) never run at the same time and a step's output is only valid until
+    the next call, so they all write into one flat buffer, each into a view of its own shape
+    (`out_view.copy_(fn(*static))` inside the graph: a graph bakes in the address it writes). The
+    buffer grows when a capture needs more: to the larger of that need and twice its size (at
+    most twice the largest output; a few growths per step function), and every graph that wrote
+    into the old buffer is captured again at once into the new one. Such a re-capture runs no
+    warm-up: capturing only records kernels (nothing executes, so the cache and the static
+    inputs are untouched), and every kernel it records was warmed up by the graph's first
+    capture. Only the graph memory pool, shared by all graphs, holds their intermediates.
 
     Args:
         compile: compile each step function with `torch.compile` before capturing it.
@@ -141,8 +162,9 @@ class GraphedSteps(StepRunner):
             captured first on the static buffers (same address semantics; the CPU tests use it).
         compile_backend: `torch.compile` backend ("inductor"; the CPU tests use "eager" to check
             that every step traces without a graph break).
-        warmup: eager calls before a capture (they compile and initialise the kernels; a step
-            rewrites the same cache slots with the same values, so repeating it is harmless).
+        warmup: eager calls before a first capture, at least one (they compile and initialise the
+            kernels, and give the output's shape; a step rewrites the same cache slots with the
+            same values, so repeating it is harmless).
     """
 
     def __init__(self, compile: bool = False, *, emulate: bool = False, compile_backend: str = "inductor",
@@ -153,19 +175,34 @@ class GraphedSteps(StepRunner):
         self.emulate = emulate
         self.compile_backend = compile_backend
         self.warmup = warmup
+        self._side_streams: dict[torch.device, "torch.cuda.Stream"] = {}  # kept across `reset`
+        self._capturing: tuple | None = None  # the identity of the step function being captured
         self.reset()
 
     def reset(self) -> None:
         self._caches: dict[tuple, tuple[nn.Module, KVCache]] = {}
         self._steps: dict[tuple, _CapturedStep] = {}
         self._compiled: dict[tuple, Callable] = {}
+        self._outputs: dict[tuple, torch.Tensor] = {}  # (step identity, dtype, device) -> flat buffer
         self._pool = None
         self.captures = 0  # graphs captured so far (tests and the bench report it)
+        self.recaptures = 0  # graphs captured again into a grown output buffer
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of the shared output buffers (one per step function): what the graphs' outputs hold."""
+        return sum(b.numel() * b.element_size() for b in self._outputs.values())
 
     def cache(self, model: nn.Module, rows: int, max_len: int | None = None) -> KVCache:
+        """The persistent cache of (model, rows, max_len, dtype), zeroed: each `generate` call takes
+        it once, before its first step, so no value of an earlier batch (a NaN or inf in a slot the
+        masks hide still poisons the attention sum) reaches this one. One fused fill, outside any
+        graph (the cache's addresses stay those the graphs were captured with)."""
         key = (id(model), rows, max_len, next(model.parameters()).dtype)
         if key not in self._caches:  # the model is kept with its cache, so its id is not reused
             self._caches[key] = (model, model.new_cache(rows, max_len=max_len))
+        else:
+            torch._foreach_zero_(_cache_tensors(self._caches[key][1]))
         return self._caches[key][1]
 
     def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
@@ -176,8 +213,12 @@ class GraphedSteps(StepRunner):
         if step is None:
             if attention_kernels.recording():
                 fn(*args)  # one eager step, so the attention kernel report sees the real calls
-            with attention_kernels.suspended():  # compiled and captured code never holds the recorder
-                step = self._capture(self._compiled_fn(ident, fn), args)
+            self._capturing = ident  # whose output buffer the capture writes into
+            try:
+                with attention_kernels.suspended():  # compiled and captured code never holds the recorder
+                    step = self._capture(self._compiled_fn(ident, fn), args)
+            finally:
+                self._capturing = None
             self._steps[key] = step
         return step.replay(args)
 
@@ -192,26 +233,80 @@ class GraphedSteps(StepRunner):
             self._compiled[ident] = torch.compile(fn, backend=self.compile_backend, fullgraph=True)
         return self._compiled[ident]
 
+    def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        """The stream every warm-up and capture on `device` runs on: created on first use, then kept
+        for the runner's life (a capture must not run on the default stream: PyTorch's CUDA graphs
+        notes; one stream, not one per capture, keeps the stream count and the allocator's
+        per-stream bookkeeping flat)."""
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        return self._side_streams[device]
+
     def _capture(self, fn: Callable[..., torch.Tensor], args: tuple) -> _CapturedStep:
+        """Static copies of `args`, warm-up calls, and the graph writing `fn`'s output into a view of
+        the shared output buffer of the step function being captured (`fn` may be its compiled form)."""
+        ident = self._capturing if self._capturing is not None else _step_identity(fn)
         static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         self.captures += 1
         if self.emulate:
-            return _CapturedStep(fn, None, static, fn(*static))
+            key, view = self._output_view(ident, fn(*static))
+            return _CapturedStep(fn, None, static, view, key)
+        device = self._graph_device(args)
+        side = self._side_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(self.warmup, 1)):
+                out = fn(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        key, view = self._output_view(ident, out)  # may grow the buffer and re-capture the others
+        del out
+        return _CapturedStep(fn, self._record(fn, static, view, device), static, view, key)
+
+    @staticmethod
+    def _graph_device(args: tuple) -> torch.device:
+        """The CUDA device a step's tensor arguments live on (a graph needs one)."""
         device = next(a for a in args if isinstance(a, torch.Tensor)).device
         if device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA device, but the step runs on {device}")
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn(*static)
-        torch.cuda.current_stream(device).wait_stream(side)
-        if self._pool is None:  # one memory pool for every graph: they never run at the same time
+        return device
+
+    def _record(self, fn: Callable[..., torch.Tensor], static: list, view: torch.Tensor,
+                device: torch.device) -> "torch.cuda.CUDAGraph":
+        """Capture `view.copy_(fn(*static))` as a graph (no warm-up: the caller's job) on the side
+        stream, its intermediates in the memory pool every graph shares (they never run at once)."""
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = fn(*static)
-        return _CapturedStep(fn, graph, static, output)
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._side_stream(device)):
+            view.copy_(fn(*static))
+        return graph
+
+    def _output_view(self, ident: tuple, out: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        """(buffer key, a view shaped like `out` at the start of the shared output buffer of the step
+        function `ident`), growing the buffer (and re-capturing its graphs) when it is too small."""
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"a captured step must return one tensor, got {type(out).__name__}")
+        key = (ident, out.dtype, out.device)
+        old = self._outputs.get(key)
+        if old is None or old.numel() < out.numel():
+            size = out.numel() if old is None else max(out.numel(), 2 * old.numel())
+            self._outputs[key] = torch.empty(size, dtype=out.dtype, device=out.device)
+            if old is not None:
+                self._rebind(key)
+        return key, self._outputs[key][: out.numel()].view(out.shape)
+
+    def _rebind(self, key: tuple) -> None:
+        """Point every step writing into the buffer `key` at the new buffer: a new view, and for a
+        real graph a re-capture (recording only) that writes there."""
+        buffer = self._outputs[key]
+        for step in self._steps.values():
+            if step.outputs_key != key:
+                continue
+            step.output = buffer[: step.output.numel()].view(step.output.shape)
+            if step.graph is not None:
+                step.graph = None  # the old graph's pool memory may serve the new one
+                step.graph = self._record(step.fn, step.static, step.output, self._graph_device(step.static))
+                self.recaptures += 1
 
 
 @dataclass
@@ -268,6 +363,10 @@ class FallbackRunner(StepRunner):
     @property
     def captures(self) -> int:
         return self.fast.captures
+
+    @property
+    def output_bytes(self) -> int:
+        return self.fast.output_bytes
 
     @property
     def fallback(self) -> FastPathFallback | None:

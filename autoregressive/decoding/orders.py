@@ -221,6 +221,15 @@ def random_order(positions: torch.Tensor, batch_size: int, generator: Generator 
     return order[0] if isinstance(generator, torch.Generator) else order
 
 
+@dataclass(frozen=True)
+class PreparedOrders:
+    """Locality-aware orders built on the host ahead of their sampling call (`Schedule.prepare_orders`)."""
+
+    sizes: tuple[int, ...]  # the group sizes they were built for
+    draws: torch.Tensor  # (B,) float64 on the host: each image's first uniform, which seeds its order
+    orders: torch.Tensor  # (B, N) int64 on the host
+
+
 @dataclass
 class Schedule:
     """The order and group sizes one sampling run uses (see the module docstring)."""
@@ -284,14 +293,18 @@ class Schedule:
         return sizes
 
     def orders(self, batch_size: int, sizes: Sequence[int], generator: Generator | None, device: torch.device,
-               known: torch.Tensor | None = None) -> torch.Tensor:
+               known: torch.Tensor | None = None, prepared: PreparedOrders | None = None) -> torch.Tensor:
         """The cells to generate in generation order: (M,) shared by the batch (raster, or any order
         from a torch.Generator) or (B, M) one per image (from a `RowRNG`).
 
         Without `known`, M = N = sum(sizes). `known` (N,) bool marks context cells (editing): the
         order then lists the M unknown cells (`lpd` grows from the known ones; a file row keeps
-        its relative order of the unknown cells).
+        its relative order of the unknown cells). `prepared` (`prepare_orders`): those orders,
+        built ahead; the draw they came from is still taken from `generator` (its streams advance
+        as when building here) and must be the one they were built from, else a ValueError.
         """
+        if prepared is not None:
+            return self._prepared_orders(prepared, batch_size, sizes, generator, device, known)
         n = sum(int(g) for g in sizes) if known is None else known.numel()
         cells = torch.arange(n, device=device) if known is None else (~known.to(device)).nonzero().squeeze(1)
         if self.order == "raster":
@@ -300,14 +313,7 @@ class Schedule:
             return random_order(cells, batch_size, generator)
         u = uniforms(generator, batch_size, 1, device, what=f"--order {self.order}")[:, 0]  # (1 or B,)
         if self.order == "lpd":
-            grid = math.isqrt(n)
-            repulsion = self.repulsion
-            if repulsion is None:
-                repulsion = OFFICIAL_REPULSION.get((grid, len(sizes)), 1.0)
-            seeds = (u * 2.0 ** 53).long().tolist()
-            out = torch.from_numpy(orders_for_seeds(list(sizes), grid, seeds, proximity_threshold=self.proximity,
-                                                    repulsion_threshold=repulsion,
-                                                    known=None if known is None else known.cpu().numpy())).to(device)
+            out = self._lpd_orders(sizes, u, n, known).to(device)
         else:
             table = self.order_file(n)[0]  # (R, N) on the host; only the rows used move
             rows = (u * table.shape[0]).long().clamp_(max=table.shape[0] - 1).cpu().numpy()
@@ -315,6 +321,41 @@ class Schedule:
             if known is not None:
                 out = out[~known.to(device)[out]].reshape(out.shape[0], -1)
         return out[0] if isinstance(generator, torch.Generator) else out
+
+    def _lpd_orders(self, sizes: Sequence[int], u: torch.Tensor, n: int, known: torch.Tensor | None) -> torch.Tensor:
+        """`--order lpd`: one order per uniform of `u` (1 or B,), (1 or B, M) int64 on the host."""
+        grid = math.isqrt(n)
+        repulsion = self.repulsion
+        if repulsion is None:
+            repulsion = OFFICIAL_REPULSION.get((grid, len(sizes)), 1.0)
+        seeds = (u * 2.0 ** 53).long().tolist()
+        return torch.from_numpy(orders_for_seeds(list(sizes), grid, seeds, proximity_threshold=self.proximity,
+                                                 repulsion_threshold=repulsion,
+                                                 known=None if known is None else known.cpu().numpy()))
+
+    def prepare_orders(self, sizes: Sequence[int], seeds: torch.Tensor) -> PreparedOrders | None:
+        """The orders `orders` would build for a whole grid and images drawing from `RowRNG(seeds)`,
+        built now on the host (thread-safe: CPU ops only), so that a sampler can build a batch's
+        orders while the previous batch decodes. None unless `--order lpd`: the other orders cost
+        little (a file row, or a device-side random permutation)."""
+        if self.order != "lpd":
+            return None
+        u = RowRNG(seeds.to("cpu")).uniform((1,))[:, 0]  # splitmix64: the same bits on any device
+        n = sum(int(g) for g in sizes)
+        return PreparedOrders(tuple(int(g) for g in sizes), u, self._lpd_orders(sizes, u, n, None))
+
+    def _prepared_orders(self, prepared: PreparedOrders, batch_size: int, sizes: Sequence[int],
+                         generator: Generator | None, device: torch.device, known: torch.Tensor | None) -> torch.Tensor:
+        """`orders` with `prepared` orders: checked to be exactly those it would build here."""
+        if known is not None or self.order != "lpd" or not isinstance(generator, RowRNG):
+            raise ValueError("prepared orders serve `--order lpd` over the whole grid with per-image streams (RowRNG)")
+        if prepared.sizes != tuple(int(g) for g in sizes) or prepared.orders.shape[0] != batch_size:
+            raise ValueError(f"orders prepared for {prepared.orders.shape[0]} images and group sizes {list(prepared.sizes)} "
+                             f"cannot serve {batch_size} images and {list(sizes)}")
+        u = uniforms(generator, batch_size, 1, device, what="--order lpd")[:, 0]  # the draw building them takes
+        if not torch.equal(u.cpu(), prepared.draws):
+            raise ValueError("the prepared orders were built from other per-image streams than this call's")
+        return prepared.orders.to(device)
 
 
 # ---------------------------------------------------------------------------------------------

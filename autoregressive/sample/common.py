@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -24,6 +25,8 @@ from utils.checkpoint import load_checkpoint_entries
 from utils.run import given_flags
 
 PRECISIONS = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
+P = TypeVar("P")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -193,14 +196,22 @@ class Sampler:
     def grid(self) -> int:
         return self.args.image_size // self.args.downsample_size
 
+    def prepare(self, labels: torch.Tensor, seeds: torch.Tensor) -> Any:
+        """The strategy's host-side set-up of the batch `images(labels, seeds)` (`Strategy.prepare`,
+        e.g. LPD's orders), or None; thread-safe, so it can run while another batch decodes."""
+        return self.strategy.prepare(self.gpt, labels, seeds, steps=self.args.steps)
+
     @torch.no_grad()
-    def images(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    def images(self, labels: torch.Tensor, seeds: torch.Tensor, prepared: Any = None) -> torch.Tensor:
         """Class labels (B,) and per-image seeds (B,) -> decoded images (B,3,S,S) in about [-1,1].
-        With `--verify-fast-path`, the first call checks the fast path on its labels first."""
+        With `--verify-fast-path`, the first call checks the fast path on its labels first.
+        `prepared`: `prepare(labels, seeds)`, built ahead (the same images)."""
         a = self.args
         device = next(self.gpt.parameters()).device
         labels, seeds = labels.to(device), seeds.to(device)
         kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, top_k=a.top_k, top_p=a.top_p, steps=a.steps)
+        if prepared is not None:
+            kw["prepared"] = prepared
         if getattr(a, "verify_fast_path", False) and not self.verified:
             self.verify_fast_path(lambda: self.strategy.generate(self.gpt, labels, temperature=0.0,
                                                                  generator=RowRNG(seeds), **kw))
@@ -244,6 +255,20 @@ class Sampler:
         fast = self.bf16_decode and generation.tokens.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
             return self.strategy.decode_generation(self.vq, generation, self.grid).float()
+
+
+def prefetch(items: Sequence[T], prepare: Callable[[T], P]) -> Iterator[tuple[T, P]]:
+    """`(item, prepare(item))` for each item in turn, `prepare` of the next item running in one
+    worker thread while the caller works on the current one: the host-side set-up of batch b + 1
+    (numpy and torch CPU ops, which release the GIL for much of their work) overlaps batch b's
+    decoding (`concurrent.futures.ThreadPoolExecutor`). An error of `prepare` surfaces at its item."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        ahead = pool.submit(prepare, items[0]) if len(items) else None
+        for i, item in enumerate(items):
+            prepared = ahead.result()
+            if i + 1 < len(items):
+                ahead = pool.submit(prepare, items[i + 1])
+            yield item, prepared
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +39,7 @@ import torch
 from autoregressive.decoding.fast_decode import FastPathFallback
 from autoregressive.decoding.row_rng import image_seeds
 from autoregressive.sample.common import (CheckpointClasses, add_sampling_args, check_sampling_flags, load_sampler,
-                                         sample_plan)
+                                         prefetch, sample_plan)
 from autoregressive.strategies import STRATEGIES, parse_driver_args
 from tokenizer.registry import get_kind
 from utils.attention_kernels import record_attention_kernels
@@ -221,18 +221,24 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> Path:
                 f"(the first batch of each size compiles and captures its steps)")
 
     # Sample ---------------------------------------------------------------------------------
+    # The next batch's host-side set-up (LPD: its orders) is built in a worker thread meanwhile.
+    def prepare(b: int) -> object:
+        return sampler.prepare(labels[b * bs:(b + 1) * bs], seeds[b * bs:(b + 1) * bs])
+
     t0, made = time.perf_counter(), 0
-    for i, b in enumerate(progress(mine, enabled=rank == 0, desc="sample", unit="batch")):
-        lo, hi = b * bs, min((b + 1) * bs, total)
-        with record_attention_kernels() if i == 0 else nullcontext() as kernels:
-            images = sampler.images(labels[lo:hi], seeds[lo:hi])
-        if i == 0:
-            kernels.log(logger, "first sampling batch")
-        images = to_uint8(images, args.image_size_eval)
-        if args.save_png:  # before the shard: a finished shard always has its PNGs
-            write_pngs(Path(args.sample_dir) / f"{name}_png", lo, images)
-        write_shard(folder, lo, images, labels[lo:hi].numpy())
-        made += hi - lo
+    with closing(prefetch(mine, prepare)) as batches:  # closed (its worker joined) also on an error
+        for i, (b, prepared) in enumerate(progress(batches, enabled=rank == 0, desc="sample", unit="batch",
+                                                   total=len(mine))):
+            lo, hi = b * bs, min((b + 1) * bs, total)
+            with record_attention_kernels() if i == 0 else nullcontext() as kernels:
+                images = sampler.images(labels[lo:hi], seeds[lo:hi], prepared)
+            if i == 0:
+                kernels.log(logger, "first sampling batch")
+            images = to_uint8(images, args.image_size_eval)
+            if args.save_png:  # before the shard: a finished shard always has its PNGs
+                write_pngs(Path(args.sample_dir) / f"{name}_png", lo, images)
+            write_shard(folder, lo, images, labels[lo:hi].numpy())
+            made += hi - lo
     if device.type == "cuda":
         torch.cuda.synchronize()
     if made:

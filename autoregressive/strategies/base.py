@@ -230,6 +230,14 @@ class Strategy(ABC):
                  record_logits: list | None = None) -> torch.Tensor:
         """Sample token ids (B, N) in raster layout for class labels (B,)."""
 
+    def prepare(self, model: nn.Module, labels: torch.Tensor, seeds: torch.Tensor, *,
+                steps: int | None = None) -> Any:
+        """The host-side set-up of a `generate` call for `labels` (B,) whose images draw from
+        `RowRNG(seeds)`, built ahead: a sampler runs it in a worker thread for the next batch while
+        this one decodes, and passes a result that is not None on as `generate(..., prepared=...)`
+        (which then gives the same tokens). Thread-safe, on the host. Default: nothing (None)."""
+        return None
+
     def decoding_steps(self, model: nn.Module, steps: int | None = None) -> int:
         """Model forwards `generate` runs for one image (`steps` as given to it); raster: one per token."""
         return steps if steps is not None else model.config.block_size

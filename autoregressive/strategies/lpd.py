@@ -38,7 +38,7 @@ from autoregressive.decoding.fast_decode import StepRunner
 from autoregressive.decoding.group_decode import decode_in_groups
 from autoregressive.decoding.logits import Generator, cfg_enabled
 from autoregressive.decoding.lpd_order import training_group_sizes
-from autoregressive.decoding.orders import CFG_SCHEDULES, Schedule, check_known
+from autoregressive.decoding.orders import CFG_SCHEDULES, PreparedOrders, Schedule, check_known
 from autoregressive.decoding.schedules import check_group_sizes
 from autoregressive.strategies.base import Strategy, TrainingBatch
 from utils.checkpoint import CheckpointError, load_state_dict_strict
@@ -188,20 +188,26 @@ class LpdStrategy(Strategy):
     def decoding_steps(self, model: LPD, steps: int | None = None) -> int:
         return len(self.schedule_sizes(model.config.block_size, steps))
 
+    def prepare(self, model: LPD, labels: torch.Tensor, seeds: torch.Tensor, *,
+                steps: int | None = None) -> PreparedOrders | None:
+        """The batch's locality-aware orders, built on the host ahead of `generate` (about 34 ms for
+        64 images at 256 px, 111 ms at 512 px on 2 cores); None for the other orders."""
+        return self.schedule.prepare_orders(self.schedule_sizes(model.config.block_size, steps), seeds)
+
     @torch.no_grad()
     def generate(self, model: LPD, labels: torch.Tensor, *, cfg_scale: float = 1.0,
                  cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, steps: int | None = None,
                  generator: Generator | None = None,
-                 record_logits: list | None = None) -> torch.Tensor:
+                 record_logits: list | None = None, prepared: PreparedOrders | None = None) -> torch.Tensor:
         """Sample (B, N) raster token ids for labels (B,) with the configured order and `steps`
         (default: 20 at 16x16, 48 at 32x32, else N). `record_logits` receives per step the
-        (B, G, V) logits after CFG, in generation order."""
+        (B, G, V) logits after CFG, in generation order. `prepared`: the orders from `prepare`."""
         self.check_call(model, labels, model.num_classes, cfg_scale, temperature, require_generator=False)
         if cfg_interval != -1:
             raise ValueError("lpd has no cfg_interval: use the linear or constant CFG schedule")
         sizes = self.schedule_sizes(model.config.block_size, steps)
-        order = self.schedule.orders(labels.shape[0], sizes, generator, model.pos_embed.device)
+        order = self.schedule.orders(labels.shape[0], sizes, generator, model.pos_embed.device, prepared=prepared)
         return decode_lpd(model, labels, order, sizes, cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                           record_logits=record_logits, runner=self.runner)
