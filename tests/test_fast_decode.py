@@ -63,21 +63,25 @@ def generate(strategy, model, num_classes: int, batch: int, greedy: bool, call: 
 
 
 def assert_same_tokens_as_eager(method: str, runner: GraphedSteps, device: str = "cpu",
-                                calls=CALLS) -> None:
+                                calls=CALLS) -> dict[str, int]:
     strategy, model, num_classes = fixture_model(method)
     model = model.to(device)
     if method == "var":
         strategy.tokenizer.to(device)
     eager = [generate(strategy, model, num_classes, b, greedy, i) for i, (b, greedy) in enumerate(calls)]
     strategy.runner = runner
-    captures = []
+    captures, graphs = [], []
     for i, (b, greedy) in enumerate(calls):
         fast = generate(strategy, model, num_classes, b, greedy, i)
         assert torch.equal(fast, eager[i]), f"{method}: call {i} (batch {b}, greedy {greedy}) differs from eager"
         captures.append(runner.captures)
+        graphs.append(runner.compiled_graphs if runner.compile else {})
+    if runner.compile:  # every graph is compiled by the first call: the other batch size reuses them
+        assert graphs[0] == graphs[-1], f"{method}: later calls recompiled: {graphs}"
     assert captures[1] == captures[0] > 0, "the second call with the same shapes must replay, not capture"
     assert captures[2] > captures[1], "a new batch size captures its own graphs"
     assert captures[3] == captures[2]
+    return graphs[-1]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -85,13 +89,41 @@ def test_emulated_graphs_give_the_eager_tokens(method):
     assert_same_tokens_as_eager(method, GraphedSteps(emulate=True))
 
 
+#: Graphs compiled per step function over whole sampling runs of any batch sizes (of at least two
+#: rows after CFG; an unguided batch of one adds a graph per function: dynamo specialises size 1).
+#: The batch, token-count and cache-length dimensions are dynamic, so what remains is one graph per
+#: distinct argument structure and per "one token or several": raster, NPP and LPD steps 1; PAR's
+#: decode_step 2 (its first n - 1 single-token steps, then the n-token groups); ARPG 2 (step 0 feeds
+#: the class token with 1-D RoPE rows, later steps per-row 2-D rows; a schedule with single-token
+#: groups after step 0 would add a third); VAR 2 (the first scale's start token, then one graph
+#: for every later scale, whose index travels as its token positions).
+GRAPH_BOUNDS = {
+    "raster": {"Transformer.prefill": 1, "Transformer.decode_step": 1},
+    "npp": {"Transformer.prefill": 1, "Transformer.decode_step": 1},
+    "par": {"Transformer.prefill": 1, "PARTransformer.decode_transition": 1, "PARTransformer.decode_step": 2},
+    "arpg": {"ARPG.decode_step": 2},
+    "lpd": {"LPD.decode_step": 1},
+    "var": {"VAR.decode_step": 2},
+}
+
+
+def assert_graphs_bounded(method: str, graphs: dict[str, int]) -> None:
+    bound = GRAPH_BOUNDS[method]
+    assert set(graphs) == set(bound), f"{method}: compiled {sorted(graphs)}, expected {sorted(bound)}"
+    over = {name: n for name, n in graphs.items() if not 0 < n <= bound[name]}
+    assert not over, f"{method}: graphs per step function {graphs} exceed the bound {bound}"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled_steps_trace_without_graph_breaks(method):
     """Every step function traces as one graph (`fullgraph=True`) and the traced steps give the
-    eager tokens; the `eager` backend keeps this cheap on CPU (inductor runs on the GPU test)."""
+    eager tokens; the `eager` backend keeps this cheap on CPU (inductor runs on the GPU test). Over
+    the whole run a step function compiles at most its `GRAPH_BOUNDS` graphs, all in the first
+    call: the later calls (a second batch size among them) recompile nothing."""
     torch._dynamo.reset()
-    assert_same_tokens_as_eager(method, GraphedSteps(compile=True, emulate=True, compile_backend="eager"),
-                                calls=CALLS)
+    graphs = assert_same_tokens_as_eager(method, GraphedSteps(compile=True, emulate=True, compile_backend="eager"),
+                                         calls=CALLS)
+    assert_graphs_bounded(method, graphs)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
@@ -101,7 +133,8 @@ def test_inductor_compiled_steps_give_the_eager_tokens():
     hand, 30-60 s each): inductor's kernels write the cache prefixes in place and give the
     eager tokens exactly in float32."""
     torch._dynamo.reset()
-    assert_same_tokens_as_eager("lpd", GraphedSteps(compile=True, emulate=True, compile_backend="inductor"))
+    graphs = assert_same_tokens_as_eager("lpd", GraphedSteps(compile=True, emulate=True, compile_backend="inductor"))
+    assert_graphs_bounded("lpd", graphs)
 
 
 def test_edit_through_emulated_graphs():

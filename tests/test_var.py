@@ -59,7 +59,7 @@ def test_per_scale_kv_cache_equals_block_causal_recompute(shared_aln):
     with torch.no_grad():
         full, _ = model(labels, x)  # (3, 14, 16)
         cache = model.new_cache(3)
-        cached = [model.decode_step(si, labels, None if si == 0 else x[:, b - 1:e - 1], cache)
+        cached = [model.decode_step(labels, None if si == 0 else x[:, b - 1:e - 1], cache, model.scale_positions(si))
                   for si, (b, e) in enumerate(model.begin_ends)]
     torch.testing.assert_close(torch.cat(cached, 1), full, atol=1e-5, rtol=1e-5)
 

@@ -13,9 +13,11 @@ takes its KV cache from it; nothing else about a strategy changes between the pa
   instead of a few hundred kernel launches. Every graph of one step function writes its output
   into one shared buffer (`GraphedSteps` says how it grows), and every warm-up and capture runs
   on one side stream per runner and device.
-- `compiled`: the same, with each step function compiled by `torch.compile` (inductor, automatic
-  dynamic shapes so that the parallel strategies' group sizes share one compilation) before it
-  is captured, which fuses the normalisation, RoPE and activation kernels.
+- `compiled`: the same, with each step function compiled by `torch.compile` (inductor) before it
+  is captured, which fuses the normalisation, RoPE and activation kernels. The batch, token-count
+  and cache-length dimensions are marked dynamic before the first compilation and what varies
+  per step is passed as tensors (VAR's scale as its token indices), so each step function
+  compiles a bounded number of graphs (`CompiledStep.graphs`) whatever the batch sizes.
 
 A captured step may only depend on its tensor arguments, the model's weights and the cache: the
 graph bakes in the addresses of everything it touched. The runner therefore refuses closures,
@@ -46,7 +48,7 @@ T = TypeVar("T")
 
 #: The `--decode-path` choices; `auto` is `compiled` on CUDA and `eager` elsewhere.
 DECODE_PATHS = ("auto", "eager", "cuda-graphs", "compiled")
-#: Compilations allowed per step function (the default 8 is fewer than VAR's scales x batch sizes).
+#: Compilations allowed per step function (a few are needed; dynamo's default of 8 would also do).
 RECOMPILE_LIMIT = 64
 
 
@@ -137,9 +139,45 @@ def _arg_key(a: Any) -> tuple:
     raise TypeError(f"a step argument must be a tensor, a KV cache, a module or a plain value, got {type(a).__name__}")
 
 
-def _cache_tensors(cache: KVCache) -> list[torch.Tensor]:
-    """Every key and value tensor a cache owns (one pair per layer)."""
-    return [t for layer in cache._layers for t in (layer.k, layer.v)]
+def mark_dynamic_dims(args: tuple) -> None:
+    """Mark every dimension longer than 1 of the step's tensors (its tensor arguments and its KV
+    caches' keys and values) as dynamic before dynamo first sees them: the batch rows, the token
+    or group count and the cache prefix length then get a symbolic size from the first compilation
+    on, so neither a second batch size nor a second group size or cache bucket recompiles. The
+    marks are weak (`maybe_mark_dynamic`): a dimension the model pins (heads, widths) becomes a
+    constant without an error, and, marked dynamic rather than automatic, equal sizes do not share
+    one symbol (a batch of as many rows as heads is not pinned with them). Sizes 0 and 1 are still
+    specialised by dynamo, so a step with one token (or one batch row) has its own graph."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            tensors: Iterable[torch.Tensor] = (a,)
+        elif isinstance(a, KVCache):
+            tensors = a.tensors()
+        else:
+            continue
+        for t in tensors:
+            for dim, size in enumerate(t.shape):
+                if size > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+class CompiledStep:
+    """A step function under `torch.compile(fullgraph=True)` with its dynamic dimensions marked up
+    front (`mark_dynamic_dims`); `graphs` counts the graphs compiled for it (every recompilation)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], backend: str | Callable = "inductor"):
+        self.name = getattr(fn, "__qualname__", type(fn).__name__)
+        self.graphs = 0
+        self._backend = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        self._compiled = torch.compile(fn, backend=self._count, fullgraph=True)
+
+    def _count(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs += 1
+        return self._backend(gm, example_inputs)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        mark_dynamic_dims(args)
+        return self._compiled(*args)
 
 
 class GraphedSteps(StepRunner):
@@ -202,7 +240,7 @@ class GraphedSteps(StepRunner):
         if key not in self._caches:  # the model is kept with its cache, so its id is not reused
             self._caches[key] = (model, model.new_cache(rows, max_len=max_len))
         else:
-            torch._foreach_zero_(_cache_tensors(self._caches[key][1]))
+            torch._foreach_zero_(self._caches[key][1].tensors())
         return self._caches[key][1]
 
     def __call__(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
@@ -226,11 +264,10 @@ class GraphedSteps(StepRunner):
         if not self.compile:
             return fn
         if ident not in self._compiled:
-            # One compilation per step function and plain-value arguments (VAR: one per scale) and
-            # batch size: more than dynamo's default of 8 per function.
+            # A few graphs per step function (`CompiledStep`); the raised limit is a safety margin.
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-            self._compiled[ident] = torch.compile(fn, backend=self.compile_backend, fullgraph=True)
+            self._compiled[ident] = CompiledStep(fn, self.compile_backend)
         return self._compiled[ident]
 
     def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
@@ -241,6 +278,16 @@ class GraphedSteps(StepRunner):
         if device not in self._side_streams:
             self._side_streams[device] = torch.cuda.Stream(device)
         return self._side_streams[device]
+
+    @property
+    def compiled_graphs(self) -> dict[str, int]:
+        """Graphs compiled so far per step function (its qualified name; functions of the same name
+        on different modules add up)."""
+        out: dict[str, int] = {}
+        for step in self._compiled.values():
+            if isinstance(step, CompiledStep):
+                out[step.name] = out.get(step.name, 0) + step.graphs
+        return out
 
     def _capture(self, fn: Callable[..., torch.Tensor], args: tuple) -> _CapturedStep:
         """Static copies of `args`, warm-up calls, and the graph writing `fn`'s output into a view of

@@ -83,11 +83,16 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, n_kv_head, find_multiple(max_len, SDPA_ALIGN), head_dim)
+        length = find_multiple(max_len, SDPA_ALIGN)
+        shape = (batch_size, n_kv_head, length + SDPA_ALIGN, head_dim)
         # One tensor per layer, not views of one: a compiled step then sees inputs that do not
-        # alias each other, and writes each layer's slots in place.
-        self._layers = [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
-                                     torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)]
+        # alias each other, and writes each layer's slots in place. Each is the first `length`
+        # slots of a storage one `SDPA_ALIGN` longer, so the whole cache has the strides of every
+        # prefix `upto` gives (never contiguous): a compiled step guards on contiguity and would
+        # otherwise need another graph for the last bucket.
+        self._layers = [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device)[:, :, :length],
+                                     torch.zeros(shape, dtype=dtype, device=device)[:, :, :length])
+                        for _ in range(n_layer)]
         self._prefixes: dict[int, KVCache] = {}
 
     def upto(self, written: int) -> "KVCache":
@@ -104,6 +109,10 @@ class KVCache:
             view._prefixes = {}
             self._prefixes[n] = view
         return self._prefixes[n]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Keys and values of every layer (what a compiled step reads and writes)."""
+        return [t for c in self._layers for t in (c.k, c.v)]
 
     @property
     def batch_size(self) -> int:

@@ -10,7 +10,7 @@ l predicts token l (no shift). Written from the official code
 load as published.
 
 Training is `forward(labels, x)` over the whole sequence with the block-causal mask; sampling is
-`decode_step` once per scale with an explicit preallocated `KVCache` (the new scale's keys/values
+`decode_step` once per scale (given its token indices) with an explicit preallocated `KVCache` (the new scale's keys/values
 are written at its slots; its mask rows hide the later scales), which equals the full recompute.
 
 Notation: B batch, L tokens, G tokens of one scale, C width, H heads, hd = C / H, V vocabulary,
@@ -317,17 +317,37 @@ class VAR(nn.Module):
         return KVCache(cfg.depth, batch_size, cfg.num_heads, cfg.L, cfg.embed_dim // cfg.num_heads,
                        dtype=dtype or w.dtype, device=w.device)
 
-    def decode_step(self, si: int, labels: torch.Tensor, x: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Scale si from the cache of scales < si: logits (B, pn_si^2, V) float32.
-
-        `labels` (B,) (both CFG halves when guided); `x` (B, pn_si^2, Cvae) is the scale's input
-        (None at si = 0, whose only token is the class start token). The scale's keys/values are
-        written at its slots; its rows of the block-causal mask hide the later (unwritten) slots.
-        """
+    def scale_positions(self, si: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The token indices of scale si (pn_si^2,) int64: what `decode_step` takes for that scale."""
         begin, end = self.begin_ends[si]
-        h, cond = self._embed(labels, x, begin, end)  # (B, G, C)
-        pos = torch.arange(begin, end, device=h.device)
-        mask = self.attn_bias_for_masking[:, :, begin:end, :cache.max_len]  # (1, 1, G, <= L'): L' = the slots read
+        return torch.arange(begin, end, device=self.head.weight.device if device is None else device)
+
+    def decode_step(self, labels: torch.Tensor, x: torch.Tensor | None, cache: KVCache,
+                    pos: torch.Tensor) -> torch.Tensor:
+        """One scale from the cache of the scales before it: logits (B, G, V) float32.
+
+        `pos` (G,) are the scale's token indices (`scale_positions(si)`), a tensor rather than the
+        scale index so that one compiled graph serves every scale after the first (the token count
+        G is a dynamic dimension; the position and level embeddings and the mask rows are gathered
+        at `pos`). `labels` (B,) (both CFG halves when guided); `x` (B, G, Cvae) is the scale's
+        input, None for the first scale (the class start tokens). The scale's keys/values are
+        written at slots `pos`; its rows of the block-causal mask hide the later (unwritten) slots.
+        """
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            cond = self.class_emb(labels)  # (B, C)
+            if x is None:  # the first scale: the start tokens
+                h = cond[:, None].expand(-1, self.first_l, -1) + self.pos_start  # (B, first_l, C)
+            else:
+                h = self.word_embed(x.to(self.word_embed.weight.dtype))  # (B, G, C)
+            h = h + self.lvl_embed(self.lvl_1L[:, pos]) + self.pos_1LC[:, pos]
+        h = self.token_drop(h)
+        # The block-causal rows at `pos` over the L' slots read, from the levels (no slice of the
+        # (L, L) bias: its end would guard L' <= L, and the last bucket is L rounded up); the
+        # padding slots past L get a level above every scale, so they stay hidden.
+        slots = torch.arange(cache.max_len, device=pos.device)
+        slot_level = torch.where(slots < self.config.L, self.lvl_1L[0, slots.clamp(max=self.config.L - 1)],
+                                 len(self.config.patch_nums))  # (L',)
+        mask = (self.lvl_1L[0, pos][:, None] >= slot_level[None, :])[None, None]  # (1, 1, G, L') True = attend
         return self._blocks_and_head(h, cond, mask, cache, pos)
 
     # -- init -----------------------------------------------------------------------------------

@@ -278,14 +278,16 @@ def decode_lpd(model: LPD, labels: torch.Tensor | None, order: torch.Tensor, gro
         bounds.append(bounds[-1] + g)
     run = runner or StepRunner()
     cache = run.cache(model, b * reps, max_len=bounds[-1])
+    # Columns up to the cache's rounded-up length (hidden): a step's mask is then exactly as wide as
+    # the slots it reads, in every bucket, and the compiled step needs no graph for a narrower one.
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], cache.max_len - mask.shape[1])], dim=1)  # (L, L_cache)
 
     def step(g: int, prev: torch.Tensor | None, prev_pos: torch.Tensor | None, next_pos: torch.Tensor) -> torch.Tensor:
         x_prev = first if g == 0 else model.embed_tokens(prev, prev_pos)  # (B', P, D)
         x = torch.cat([x_prev, model.embed_queries(next_pos, b * reps)], dim=1)  # (B', P + G, D)
         slots = torch.arange(bounds[g], bounds[g + 2], device=device)
         seen = cache.upto(bounds[g + 2])  # the slots written so far (a prefix of the cache)
-        # The rows of the new elements over the visible slots (the cache may be wider than the
-        # mask: `decode_step` hides the slots past it).
+        # The rows of the new elements over the visible slots.
         logits = run(model.decode_step, x, seen, slots, mask[slots, :seen.max_len],
                      next_pos.shape[-1])  # (B', G, V)
         if record_head is not None:

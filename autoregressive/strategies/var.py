@@ -469,7 +469,8 @@ class VarStrategy(Strategy):
             if g > 0:
                 f_hat, nxt = quant.next_autoregressive_input(g - 1, f_hat, code_map(g - 1, prev_tokens[:b]))
                 x = nxt.flatten(2).transpose(1, 2).repeat(reps, 1, 1)  # (B', pn_g^2, Cvae)
-            return run(model.decode_step, g, cond_labels, x, cache.upto(model.begin_ends[g][1]))  # (B', pn_g^2, V)
+            return run(model.decode_step, cond_labels, x, cache.upto(model.begin_ends[g][1]),
+                       model.scale_positions(g, device))  # (B', pn_g^2, V)
 
         def scale_at(g: int, pos, idx) -> float | None:
             return None if g == 0 else 1 + (cfg_scale - 1) * g / (sn - 1)
@@ -570,7 +571,8 @@ class VarStrategy(Strategy):
                     be, en = model.begin_ends[si - 1]
                     f_hat, nxt = quant.next_autoregressive_input(si - 1, f_hat, quant.lookup(ids[:, be:en], pns[si - 1]))
                     x = nxt.flatten(2).transpose(1, 2).repeat(reps, 1, 1)  # (B', pn_si^2, Cvae)
-                logits = run(model.decode_step, si, cond_labels, x, cache.upto(model.begin_ends[si][1]))
+                logits = run(model.decode_step, cond_labels, x, cache.upto(model.begin_ends[si][1]),
+                             model.scale_positions(si, device))
             next_scale[0] = scale_of[g] + 1
             return logits[:, next_pos - model.begin_ends[scale_of[g]][0]]  # (B', G_g, V)
 
