@@ -73,17 +73,24 @@ def find_preset(method: str, name: str, path: str | Path = PRESETS) -> dict[str,
     raise ValueError(f"no preset {method} {name!r} in {path}; known presets: {known}")
 
 
-def sample_argv(row: dict[str, Any], files: dict[str, Path], sample_dir: str | Path,
-                per_proc_batch_size: int, num_fid_samples: int) -> list[str]:
-    """The flags of sample_c2i_ddp.py for a row, with registry names replaced by local paths."""
-    argv = ["--strategy", row["strategy"]]
-    for flag, value in row["sample_flags"].items():
-        if flag in FILE_FLAGS:
+def flag_argv(flags: dict[str, Any], files: dict[str, Path], file_flags) -> list[str]:
+    """A preset's flags as argv: registry file names replaced by local paths, True as a bare flag,
+    False and None left out."""
+    argv: list[str] = []
+    for flag, value in flags.items():
+        if flag in file_flags:
             value = files[value]
         if value is True:
             argv.append(f"--{flag}")
         elif value is not False and value is not None:
             argv += [f"--{flag}", str(value)]
+    return argv
+
+
+def sample_argv(row: dict[str, Any], files: dict[str, Path], sample_dir: str | Path,
+                per_proc_batch_size: int, num_fid_samples: int) -> list[str]:
+    """The flags of sample_c2i_ddp.py for a row, with registry names replaced by local paths."""
+    argv = ["--strategy", row["strategy"], *flag_argv(row["sample_flags"], files, FILE_FLAGS)]
     return argv + ["--sample-dir", str(sample_dir), "--per-proc-batch-size", str(per_proc_batch_size),
                    "--num-fid-samples", str(num_fid_samples)]
 
@@ -104,14 +111,7 @@ def download_command(names: list[str], models_dir: str | Path) -> str:
 def recon_argv(row: dict[str, Any], files: dict[str, Path], sample_dir: str | Path, per_proc_batch_size: int,
                data_path: str | None) -> list[str]:
     """The flags of reconstruction_vq_ddp.py for a `vq` row, registry names replaced by local paths."""
-    argv = []
-    for flag, value in row["recon_flags"].items():
-        if flag in RECON_FILE_FLAGS:
-            value = files[value]
-        if value is True:
-            argv.append(f"--{flag}")
-        elif value is not False and value is not None:
-            argv += [f"--{flag}", str(value)]
+    argv = flag_argv(row["recon_flags"], files, RECON_FILE_FLAGS)
     if data_path is not None:
         argv += ["--data-path", str(data_path)]
     return argv + ["--sample-dir", str(sample_dir), "--per-proc-batch-size", str(per_proc_batch_size)]
