@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import shlex
 import sys
 import time
@@ -45,6 +44,7 @@ from tokenizer.registry import (encode_with_margins, has_margins, kind_of_size, 
                                 size_names)
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.memory import peak_memory_bytes  # noqa: E402
 from utils.logger import progress  # noqa: E402
 
 
@@ -222,7 +222,7 @@ def main(args: argparse.Namespace) -> list[dict]:
              "batch 1 = one image's views per forward, as the official extract_codes_c2i.py; speed-up = images/s "
              "over batch 1's in this run",
              "peak MiB: torch.cuda.max_memory_allocated per batch size" if device.type == "cuda" else
-             f"memory: the process's peak RSS was {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"]
+             f"memory: the process's peak RSS was {peak_memory_bytes('cpu') / 2**20:.0f} MiB"]
     print("\n".join(table))
     for line in notes:
         print(f"- {line}")

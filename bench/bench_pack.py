@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import atomic_write, save_npz  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.memory import peak_memory_bytes  # noqa: E402
 from utils.logger import progress  # noqa: E402
 from utils.npz_stream import npz_member_memmap  # noqa: E402
 from utils.shards import finished_shards, pack_npz, write_shard  # noqa: E402
@@ -67,7 +67,7 @@ PACKERS = {"in-memory": pack_npz_in_memory, "streamed": pack_npz}
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_memory_bytes("cpu") / 2**20  # the process's peak RSS (utils/memory.py)
 
 
 def proc_status_mib(key: str) -> float | None:

@@ -49,7 +49,6 @@ import datetime
 import gc
 import hashlib
 import re
-import resource
 import shlex
 import sys
 import time
@@ -71,6 +70,7 @@ from tokenizer.registry import get_kind  # noqa: E402
 from utils.attention_kernels import record_attention_kernels  # noqa: E402
 from utils.checkpoint import atomic_write  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
+from utils.memory import peak_memory_bytes  # noqa: E402
 
 
 @dataclass
@@ -122,7 +122,7 @@ def sync(device: torch.device) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_memory_bytes("cpu") / 2**20  # the process's peak RSS (utils/memory.py)
 
 
 def device_name(device: torch.device) -> str:
