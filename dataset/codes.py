@@ -177,8 +177,7 @@ class FileCodes:
         return _as_views(np.load(self.codes_dir / f"{int(self.indices[i])}.npy"), self.codes_dir, i)
 
     def gather(self, items: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        codes = np.stack([self.views(int(i))[int(v)] for i, v in zip(items, views)]) if len(items) else \
-            np.zeros((0, 0), np.int64)
+        codes = chosen_views(self, items, views)
         labels = np.array([int(np.load(self.labels_dir / f"{int(self.indices[i])}.npy").reshape(-1)[0])
                            for i in items], dtype=np.int64)
         return codes, labels
@@ -202,8 +201,7 @@ class ClassFolderCodes:
         return _as_views(np.load(self.root / self.files[i].decode()), self.root, i)
 
     def gather(self, items: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        codes = np.stack([self.views(int(i))[int(v)] for i, v in zip(items, views)]) if len(items) else \
-            np.zeros((0, 0), np.int64)
+        codes = chosen_views(self, items, views)
         return codes, self.labels[np.asarray(items, dtype=np.int64)]
 
 
@@ -212,6 +210,13 @@ class PackedStore(PackedCodes):
 
     def views(self, i: int) -> np.ndarray:
         return self.gather(np.array([i]))[0][0]
+
+
+def chosen_views(store: "FileCodes | ClassFolderCodes", items: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """(n, N): view `views[j]` of item `items[j]`, read file by file (the per-file layouts)."""
+    if not len(items):
+        return np.zeros((0, 0), np.int64)
+    return np.stack([store.views(int(i))[int(v)] for i, v in zip(items, views)])
 
 
 def _as_views(arr: np.ndarray, where: Path, i: int) -> np.ndarray:
